@@ -1,0 +1,21 @@
+"""Single-cell reference atlases on Ray.
+
+The store (``atlas.store``), streaming (``atlas.data``), models (``atlas.models``), training
+(``atlas.train``), index and mapping live in subpackages; this module stays import-light so the
+command line starts fast.
+"""
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """Lazy public API: ``atlas.load_atlas`` etc. without importing faiss/torch at ``import atlas``."""
+    if name in ("load_atlas", "ArtifactError", "Atlas"):
+        from atlas import artifact
+
+        return getattr(artifact, name)
+    if name == "build_atlas":
+        from atlas.build import build_atlas
+
+        return build_atlas
+    raise AttributeError(f"module 'atlas' has no attribute {name!r}")

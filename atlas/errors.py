@@ -1,0 +1,5 @@
+"""The errors a user can cause and fix; the CLI prints their message as one line."""
+
+
+class AtlasError(Exception):
+    """Base of every user-facing error: the message says what was wrong and what to do."""
