@@ -1,0 +1,541 @@
+"""``atlas ingest``: validate a source, then append it to the store as one new version.
+
+The order matters. Everything that can be wrong with a source is checked first (ids, columns,
+species, counts: the count matrix is scanned block by block), so a bad source never starts a
+write. Then a staging tree is made (hard links to the current version, see ``versions.py``),
+each modality is registered with ``tiledbsoma.io.register_anndatas`` (existing features keep
+their ``soma_joinid``, new ones are appended to the vocabulary), its ``obs``/``var`` rows are
+written by ``tiledbsoma.io.from_anndata``, and its counts are written block by block through
+the same registration mapping. Only a complete ingest is published; anything else (an error, a
+kill) leaves the store exactly as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from atlas.store import versions
+from atlas.store.sources import MODALITIES, Modality, Source, open_source
+from atlas.store.validate import (
+    DEFAULT_CHUNK_ROWS,
+    MatrixScan,
+    as_strings,
+    check_columns,
+    check_counts,
+    check_dataset_id,
+    check_same_cells,
+    check_unique,
+    row_blocks,
+    scan_matrix,
+)
+from atlas.store.versions import StoreError
+from atlas.store.vocabulary import check_compatible, detect_namespace, infer_species, normalise_species
+
+X_LAYER = "counts"
+OBS_FIXED = ("obs_id", "cell_id", "dataset_id", "batch")
+"""obs columns every cell has; label levels follow them."""
+DATASETS_KEY = "atlas_datasets"
+"""Experiment metadata key: JSON list of the datasets ingested, one dict each."""
+LOCK = versions.LOCK
+OBS_WRITE_ROWS = 100_000
+"""Cells per obs write (bounds tiledbsoma's write buffers; each write is one obs fragment)."""
+
+
+@dataclass(frozen=True)
+class IngestSummary:
+    """What one ingest added to the store."""
+
+    store: str
+    version: int
+    """The store version this ingest committed."""
+    dataset_id: str
+    cells_ingested: int
+    cells_dropped_empty: int
+    """Cells with no non-zero count in any modality (dropped, unless refused)."""
+    features: dict[str, int]
+    """Features per measurement in this dataset."""
+    new_features: dict[str, int]
+    """Features this dataset added to each measurement's vocabulary."""
+    vocabulary_size: dict[str, int]
+    """Each written measurement's vocabulary size after the ingest."""
+    cells_per_measurement: dict[str, int]
+    """Cells with at least one non-zero count in each measurement (the others lack that modality)."""
+    species: str
+    notes: tuple[str, ...] = ()
+    """What was inferred or cleaned up, in words (the CLI prints these)."""
+
+
+@dataclass
+class _Part:
+    """One modality of the dataset being ingested."""
+
+    measurement: str
+    modality: Modality
+    namespace: str
+    scan: MatrixScan | None = None
+    row_pos: np.ndarray | None = None
+    """Position of each matrix row in the dataset's (primary) cell order."""
+
+
+@dataclass
+class _StoreState:
+    """What the current version says, for the checks (empty for a new store)."""
+
+    exists: bool = False
+    datasets: list[dict] = field(default_factory=list)
+    obs_columns: list[str] = field(default_factory=list)
+    measurements: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """measurement → {"species", "id_namespace", "features"}."""
+
+    @property
+    def label_levels(self) -> list[str]:
+        return [c for c in self.obs_columns if c not in OBS_FIXED and c != "soma_joinid"]
+
+
+def read_store_state(store: Path) -> _StoreState:
+    """Datasets, obs columns and measurement metadata of a store's current version."""
+    if not versions.is_store(store):
+        return _StoreState()
+    import tiledbsoma as soma
+
+    uri = versions.current_version(store).uri
+    with soma.Experiment.open(uri) as exp:
+        datasets = json.loads(exp.metadata.get(DATASETS_KEY, "[]"))
+        measurements = {}
+        for name in exp.ms.keys():
+            ms = exp.ms[name]
+            measurements[name] = {
+                "species": ms.metadata.get("species"),
+                "id_namespace": ms.metadata.get("id_namespace"),
+                "features": int(ms.var.count),
+            }
+        return _StoreState(True, datasets, list(exp.obs.schema.names), measurements)
+
+
+def ingest(
+    store: str | os.PathLike,
+    source: str | os.PathLike | Any,
+    *,
+    modality: str = "rna",
+    paired: dict[str, str | os.PathLike] | None = None,
+    obsm_modalities: dict[str, str] | None = None,
+    dataset_id: str | None = None,
+    batch_key: str | None = None,
+    label_keys: dict[str, str] | None = None,
+    species: str | None = None,
+    allow_normalized: bool = False,
+    drop_empty_cells: bool = True,
+    chunk_size: int = DEFAULT_CHUNK_ROWS,
+    tenx_feature_ids: str = "id",
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> IngestSummary:
+    """Add one dataset (all its modalities) to an atlas store as one new version.
+
+    Args:
+        store: the store folder (created on the first ingest).
+        source: an .h5ad, AnnData-zarr folder, 10x .h5, 10x mtx folder, or an AnnData object.
+        modality: what the source's X holds: ``rna``, ``protein`` or ``atac``.
+        paired: other modalities of the same cells in separate files, e.g. ``{"atac": "atac.h5ad"}``;
+            their cells must be exactly the source's cells (any order).
+        obsm_modalities: modalities held in the source's obsm, e.g. ``{"protein": "protein_counts"}``
+            (a DataFrame whose columns name the features).
+        dataset_id: the dataset's name in the store (default: the file name without suffix).
+        batch_key: obs column with the batch of each cell (default: the dataset is one batch).
+        label_keys: label level → obs column, e.g. ``{"cell_type_l1": "coarse_cluster"}``.
+        species: ``human`` or ``mouse``; inferred from gene ids when not given.
+        allow_normalized: accept non-integer / negative values (NaN/inf are always refused).
+        drop_empty_cells: drop cells with no counts in any modality (False: refuse them).
+        chunk_size: the most cells read, checked and written at once (bounds memory).
+        tenx_feature_ids: for 10x sources, use the feature ``id`` (Ensembl) or ``name`` (symbol).
+        progress: show progress bars on stderr.
+        log: called with each note (what was inferred or cleaned up).
+
+    Raises:
+        StoreError: the source or the options are not acceptable; the store is unchanged.
+    """
+    store = Path(store)
+    notes: list[str] = []
+
+    def say(message: str) -> None:
+        notes.append(message)
+        if log is not None:
+            log(message)
+
+    modality = _check_modality(modality, "--modality")
+    paired = {_check_modality(k, "--paired"): v for k, v in (paired or {}).items()}
+    obsm_modalities = {_check_modality(k, "--obsm-modality"): v for k, v in (obsm_modalities or {}).items()}
+    label_keys = dict(label_keys or {})
+    if tenx_feature_ids not in ("id", "name"):
+        raise StoreError(f"tenx_feature_ids must be 'id' or 'name', not {tenx_feature_ids!r}")
+    if chunk_size < 1:
+        raise StoreError(f"chunk size must be at least 1 cell, not {chunk_size}")
+    if store.exists() and not store.is_dir():
+        raise StoreError(f"{store} is a file, not a store folder; pass a folder path for STORE")
+    if store.is_dir() and not versions.is_store(store) and any(p.name != LOCK for p in store.iterdir()):
+        raise StoreError(f"{store} exists and is not an atlas store (no {versions.RECORD}); "
+                         "pass a new or empty folder, or an existing store")
+
+    opened: list[Source] = []
+    try:
+        with _quiet():
+            src = open_source(source, tenx_feature_ids=tenx_feature_ids, modality=modality)
+        opened.append(src)
+        parts = _collect_parts(src, modality, paired, obsm_modalities, tenx_feature_ids, opened)
+        dataset_id = dataset_id if dataset_id is not None else _default_dataset_id(source)
+
+        # Source-only checks: ids, columns, pairing.
+        check_unique(src.obs.index, "cell", f"{src.path}",
+                     "make the cell ids unique (adata.obs_names_make_unique()) and ingest again")
+        for part in parts:
+            check_unique(part.modality.feature_ids, "feature", part.modality.origin,
+                         "make the feature ids unique (adata.var_names_make_unique()) or drop the duplicates")
+            if part.modality.cell_ids is not src.obs.index:
+                check_unique(part.modality.cell_ids, "cell", part.modality.origin,
+                             "make the cell ids unique and ingest again")
+                check_same_cells(src.obs.index, part.modality.cell_ids, part.modality.name, part.modality.origin)
+            part.row_pos = src.obs.index.get_indexer(part.modality.cell_ids)
+        check_columns(src.obs, src.path, batch_key=batch_key, label_keys=label_keys)
+        batch = _batch_values(src, batch_key, dataset_id)
+
+        # Checks against the store's current version.
+        state = read_store_state(store)
+        check_dataset_id(dataset_id, [d["dataset_id"] for d in state.datasets])
+        dataset_species = _decide_species(parts, species, state, say)
+        for part in parts:
+            check_compatible(part.measurement, state.measurements.get(part.measurement, {}),
+                             dataset_species, part.namespace)
+
+        # The counts, block by block.
+        with _progress(progress) as bar:
+            for part in parts:
+                m = part.modality
+                task = bar.add_task(f"checking {part.measurement}", total=m.matrix.shape[0])
+                part.scan = scan_matrix(m.matrix, chunk_size=chunk_size,
+                                        on_block=lambda n, t=task: bar.advance(t, n))
+                check_counts(part.scan, m.origin, allow_normalized=allow_normalized)
+        keep = _cells_to_keep(src, parts, drop_empty_cells, say)
+
+        obs = _obs_table(src, keep, dataset_id, batch, label_keys, state)
+        new_levels = [lv for lv in label_keys if lv not in state.label_levels]
+        if state.exists and new_levels:
+            say(f"new label level(s) {new_levels}: the store's earlier cells get '' (no label) for them")
+
+        return _write(store, parts, obs, keep, dataset_id, dataset_species, new_levels, state,
+                      source_name=src.path, batch_key=batch_key, label_keys=label_keys,
+                      allow_normalized=allow_normalized, chunk_size=chunk_size, progress=progress,
+                      say=say, notes=notes)
+    finally:
+        for s in opened:
+            s.close()
+
+
+def _check_modality(name: str, option: str) -> str:
+    key = str(name).lower()
+    if key not in MODALITIES:
+        raise StoreError(f"{option}: unknown modality '{name}'; use one of {', '.join(MODALITIES)}")
+    return key
+
+
+def _default_dataset_id(source: Any) -> str:
+    if not isinstance(source, (str, os.PathLike)):
+        raise StoreError("an in-memory AnnData has no file name to name the dataset; pass dataset_id=")
+    name = Path(source).name
+    for suffix in (".h5ad", ".zarr", ".h5"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _collect_parts(src: Source, modality: str, paired: dict, obsm_modalities: dict,
+                   tenx_feature_ids: str, opened: list[Source]) -> list[_Part]:
+    modalities = [src.modality(modality)]
+    for name, key in obsm_modalities.items():
+        modalities.append(src.obsm_modality(name, key))
+    for name, path in paired.items():
+        with _quiet():
+            other = open_source(path, tenx_feature_ids=tenx_feature_ids, modality=name)
+        opened.append(other)
+        modalities.append(other.modality(name))
+    names = [m.name for m in modalities]
+    for name in set(names):
+        if names.count(name) > 1:
+            raise StoreError(f"modality {name} is given {names.count(name)} times (--modality, --paired, "
+                             "--obsm-modality); give each modality once")
+    return [_Part(MODALITIES[m.name], m, detect_namespace(m.name, m.feature_ids)) for m in modalities]
+
+
+def _batch_values(src: Source, batch_key: str | None, dataset_id: str) -> np.ndarray:
+    if batch_key is None:
+        return np.full(len(src.obs), dataset_id, dtype=object)
+    values = as_strings(src.obs[batch_key])
+    missing = int((values == "").sum())
+    if missing:
+        raise StoreError(f"--batch-key {batch_key}: {missing} cells have no batch value; fill them in "
+                         "or choose another column")
+    return values
+
+
+def _decide_species(parts: list[_Part], given: str | None, state: _StoreState,
+                    say: Callable[[str], None]) -> str:
+    if given is not None:
+        species = normalise_species(given)
+        if species is None:
+            raise StoreError(f"--species {given}: unknown species; use human or mouse")
+        say(f"species: {species} (given)")
+        return species
+    calls = {p.measurement: infer_species(p.modality.feature_ids, p.namespace) for p in parts}
+    hints = {p.modality.species_hint for p in parts} - {None}
+    found = {c.species for c in calls.values() if c.species} | hints
+    if len(found) > 1:
+        reasons = "; ".join(f"{ms}: {c.reason}" for ms, c in calls.items())
+        raise StoreError(f"the modalities disagree on the species ({reasons}); pass --species human|mouse")
+    if found:
+        species = found.pop()
+        reasons = "; ".join(f"{ms}: {c.reason}" for ms, c in calls.items() if c.species)
+        say(f"species: {species} (inferred; {reasons or 'named by the source'}); pass --species to override")
+        return species
+    stored = {state.measurements.get(p.measurement, {}).get("species") for p in parts} - {None}
+    if len(stored) == 1:
+        species = stored.pop()
+        say(f"species: {species} (as the store's {', '.join(p.measurement for p in parts)} measurement; "
+            f"{'; '.join(c.reason for c in calls.values())}); pass --species to override")
+        return species
+    reasons = "; ".join(c.reason for c in calls.values())
+    raise StoreError(f"cannot tell the species ({reasons}); pass --species human or --species mouse")
+
+
+def _cells_to_keep(src: Source, parts: list[_Part], drop_empty: bool, say: Callable[[str], None]) -> np.ndarray:
+    """Cells with at least one non-zero count in some modality (in the source's cell order)."""
+    nonzero = np.zeros(len(src.obs), dtype=np.int64)
+    for part in parts:
+        np.add.at(nonzero, part.row_pos, part.scan.row_nonzero)
+    empty = nonzero == 0
+    n_empty = int(empty.sum())
+    if n_empty == len(src.obs):
+        raise StoreError(f"{src.path}: all {n_empty} cells have zero counts; check that X holds the counts")
+    if n_empty and not drop_empty:
+        examples = ", ".join(map(repr, src.obs.index[empty][:3]))
+        raise StoreError(f"{src.path}: {n_empty} cells have zero counts in every modality (e.g. {examples}); "
+                         "filter them out, or drop --refuse-empty-cells to have them dropped")
+    if n_empty:
+        say(f"dropped {n_empty} cells with zero counts in every modality")
+    if len(parts) > 1:
+        for part in parts:
+            absent = int(((part.scan.row_nonzero == 0) & ~empty[part.row_pos]).sum())
+            if absent:
+                say(f"{absent} cells have no {part.measurement} counts: stored without {part.measurement}")
+    return ~empty
+
+
+def _obs_table(src: Source, keep: np.ndarray, dataset_id: str, batch: np.ndarray,
+               label_keys: dict[str, str], state: _StoreState) -> pd.DataFrame:
+    cell_ids = src.obs.index[keep].astype(str).to_numpy(dtype=object)
+    obs_ids = np.array([f"{dataset_id}:{c}" for c in cell_ids], dtype=object)
+    columns: dict[str, np.ndarray] = {
+        "obs_id": obs_ids,
+        "cell_id": cell_ids,
+        "dataset_id": np.full(len(cell_ids), dataset_id, dtype=object),
+        "batch": batch[keep],
+    }
+    levels = state.label_levels + [lv for lv in label_keys if lv not in state.label_levels]
+    for level in levels:
+        if level in label_keys:
+            columns[level] = as_strings(src.obs[label_keys[level]])[keep]
+        else:
+            columns[level] = np.full(len(cell_ids), "", dtype=object)  # this dataset has no such label
+    obs = pd.DataFrame(columns, index=pd.Index(obs_ids))
+    obs.index.name = None
+    return obs
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _write(store: Path, parts: list[_Part], obs: pd.DataFrame, keep: np.ndarray, dataset_id: str,
+           species: str, new_levels: list[str], state: _StoreState, *, source_name: str,
+           batch_key: str | None, label_keys: dict[str, str], allow_normalized: bool, chunk_size: int,
+           progress: bool, say: Callable[[str], None], notes: list[str]) -> IngestSummary:
+    created = not store.exists()
+    store.mkdir(parents=True, exist_ok=True)
+    with versions.writer_lock(store):
+        staging = None
+        try:
+            # Another ingest may have committed between our checks and the lock: check again.
+            latest = read_store_state(store)
+            if [d["dataset_id"] for d in latest.datasets] != [d["dataset_id"] for d in state.datasets]:
+                check_dataset_id(dataset_id, [d["dataset_id"] for d in latest.datasets])
+                raise StoreError(f"{store} changed during the checks; run the ingest again")
+            removed = versions.remove_stale_staging(store)
+            if removed:
+                say(f"removed {len(removed)} unfinished ingest(s) left by an earlier process: {', '.join(removed)}")
+            staging = versions.begin_version(store)
+            uri = str(staging)
+            if state.exists and new_levels:
+                _add_label_levels(uri, new_levels)
+            written = {}
+            with _progress(progress) as bar:
+                for i, part in enumerate(parts):
+                    written[part.measurement] = _write_measurement(
+                        uri, part, obs, keep, existing=state.measurements.get(part.measurement),
+                        paired=i > 0, species=species, chunk_size=chunk_size, bar=bar)
+            record = {
+                "dataset_id": dataset_id,
+                "source": source_name,
+                "cells": len(obs),
+                "measurements": {ms: w["cells"] for ms, w in written.items()},
+                "species": species,
+                "batch_key": batch_key,
+                "label_keys": label_keys,
+                "values": "normalized" if allow_normalized else "counts",
+                "ingested_at": time.time(),
+            }
+            _write_dataset_record(uri, state.datasets + [record])
+            version = versions.publish_version(store, staging, {
+                "dataset_id": dataset_id, "source": source_name, "cells": len(obs),
+                "measurements": sorted(written)})
+        except BaseException:
+            if staging is not None:
+                versions.abandon_version(staging)
+            if created:
+                shutil.rmtree(store, ignore_errors=True)
+            raise
+    return IngestSummary(
+        store=str(store), version=version.version, dataset_id=dataset_id, cells_ingested=len(obs),
+        cells_dropped_empty=int((~keep).sum()),
+        features={ms: w["features"] for ms, w in written.items()},
+        new_features={ms: w["new_features"] for ms, w in written.items()},
+        vocabulary_size={ms: w["vocabulary"] for ms, w in written.items()},
+        cells_per_measurement={ms: w["cells"] for ms, w in written.items()},
+        species=species, notes=tuple(notes),
+    )
+
+
+def _write_measurement(uri: str, part: _Part, obs: pd.DataFrame, keep: np.ndarray, *,
+                       existing: dict | None, paired: bool, species: str, chunk_size: int,
+                       bar: Any) -> dict[str, int]:
+    """Register and write one modality of the dataset into the staging Experiment."""
+    import anndata as ad
+    import pyarrow as pa
+    import tiledbsoma as soma
+    import tiledbsoma.io as sio
+
+    ms_name = part.measurement
+    ids = part.modality.feature_ids.astype(str)
+    var = pd.DataFrame({"var_id": ids.to_numpy(dtype=object)}, index=pd.Index(ids))
+    var.index.name = None
+    with _quiet():
+        skeleton = ad.AnnData(obs=obs.copy(), var=var)  # ids only: X is written block by block below
+        ids_kwargs = dict(obs_id_name="obs_id", var_id_name="var_id", X_layer_name=X_LAYER)
+        if existing is None:
+            # A measurement the store does not have yet: create its (empty) schema first, so that
+            # registration and prepare_experiment find it.
+            sio.from_anndata(uri, skeleton, measurement_name=ms_name, ingest_mode="schema_only", **ids_kwargs)
+        mapping = sio.register_anndatas(uri, skeleton, measurement_name=ms_name, obs_field_name="obs_id",
+                                        var_field_name="var_id", allow_duplicate_obs_ids=paired)
+        mapping.prepare_experiment(uri)
+        # obs rows are written in slices of cells (the registration covers them all), so that
+        # tiledbsoma's write buffers stay bounded for atlases of millions of cells.
+        for start in range(0, len(obs), OBS_WRITE_ROWS):
+            piece = skeleton[start : start + OBS_WRITE_ROWS]
+            sio.from_anndata(uri, ad.AnnData(obs=piece.obs.copy(), var=var.copy()), measurement_name=ms_name,
+                             registration_mapping=mapping, **ids_kwargs)
+    joinids = mapping.id_mappings_for_anndata(skeleton, measurement_name=ms_name)
+    obs_joinids = joinids.obs_axis.data.astype(np.int64)
+    var_joinids = joinids.var_axes[ms_name].data.astype(np.int64)
+    vocabulary = int(mapping.get_var_shapes()[ms_name])
+
+    # matrix row → soma_joinid of its cell (-1: a dropped empty cell)
+    position = np.cumsum(keep) - 1  # source-order cell → row of obs (for kept cells)
+    cell = part.row_pos
+    rowmap = np.where(keep[cell], obs_joinids[position[cell]], -1)
+
+    matrix = part.modality.matrix
+    task = bar.add_task(f"writing {ms_name}", total=matrix.shape[0])
+    with soma.Experiment.open(uri, "w") as exp:
+        ms = exp.ms[ms_name]
+        if existing is None:
+            ms.metadata["species"] = species
+            ms.metadata["id_namespace"] = part.namespace
+        X = ms.X
+        if X_LAYER not in X:
+            X.add_new_sparse_ndarray(X_LAYER, type=pa.float32(),
+                                     shape=(mapping.get_obs_shape(), vocabulary))
+        counts = X[X_LAYER]
+        for start, stop in row_blocks(matrix, chunk_size):
+            block = matrix.rows(start, stop).tocoo()
+            rows = rowmap[start + block.row]
+            ok = (rows >= 0) & (block.data != 0)  # no explicit zeros: a stored value means "has data"
+            if ok.any():
+                counts.write(pa.Table.from_pydict({
+                    "soma_dim_0": rows[ok],
+                    "soma_dim_1": var_joinids[block.col[ok]],
+                    "soma_data": block.data[ok].astype(np.float32),
+                }))
+            bar.advance(task, stop - start)
+    cells = int(((part.scan.row_nonzero > 0) & (rowmap >= 0)).sum())
+    old = existing["features"] if existing else 0
+    return {"features": len(ids), "new_features": vocabulary - old, "vocabulary": vocabulary, "cells": cells}
+
+
+def _add_label_levels(uri: str, levels: list[str]) -> None:
+    """Add label columns to the store's obs (earlier cells get ''), via tiledbsoma.io.update_obs."""
+    import tiledbsoma as soma
+    import tiledbsoma.io as sio
+
+    with soma.Experiment.open(uri) as exp:
+        df = exp.obs.read().concat().to_pandas().sort_values("soma_joinid")
+    df = df.drop(columns=["soma_joinid"]).reset_index(drop=True)
+    for level in levels:
+        df[level] = ""
+    with _quiet(), soma.Experiment.open(uri, "w") as exp:
+        sio.update_obs(exp, df, default_index_name="obs_id")
+
+
+def _write_dataset_record(uri: str, datasets: list[dict]) -> None:
+    import tiledbsoma as soma
+
+    with soma.Experiment.open(uri, "w") as exp:
+        exp.metadata[DATASETS_KEY] = json.dumps(datasets)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence library warnings that say nothing to an atlas user (anndata/tiledbsoma internals)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+class _NoProgress:
+    def add_task(self, *_a: Any, **_k: Any) -> int:
+        return 0
+
+    def advance(self, *_a: Any, **_k: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool) -> Iterator[Any]:
+    if not enabled:
+        yield _NoProgress()
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("cells"), TimeElapsedColumn(), console=Console(stderr=True)) as bar:
+        yield bar
