@@ -1,0 +1,35 @@
+"""Arrow block of cells → padded index-value tensors (the batch format of ``atlas.data.batches``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from atlas.data.batches import modality_keys, pad_rows
+
+
+def _csr_of(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets (starting at 0) and flat values of a list column, zero-copy where Arrow allows."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    offsets = column.offsets.to_numpy()
+    flat = column.flatten().to_numpy(zero_copy_only=False)
+    return (offsets - offsets[0]).astype(np.int64), flat
+
+
+def table_to_batch(table: pa.Table, modalities: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Convert an Arrow block emitted by :func:`atlas.data.reader.read_block` to a batch dict."""
+    batch = {
+        "soma_joinid": torch.from_numpy(table.column("soma_joinid").to_numpy().astype(np.int64)),
+        "domain": torch.from_numpy(table.column("domain").to_numpy().astype(np.int64)),
+    }
+    for m in modalities:
+        indptr, indices = _csr_of(table.column(f"{m}_ids"))
+        _, values = _csr_of(table.column(f"{m}_values"))
+        ids, vals, mask = pad_rows(indptr, indices.astype(np.int64), values)
+        k_ids, k_values, k_mask = modality_keys(m)
+        batch[k_ids] = torch.from_numpy(ids)
+        batch[k_values] = torch.from_numpy(vals)
+        batch[k_mask] = torch.from_numpy(mask)
+    return batch

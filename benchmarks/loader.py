@@ -1,0 +1,190 @@
+"""Loader benchmark: one shuffled epoch of cells/s and peak memory, ours vs tiledbsoma-ml.
+
+Both loaders read the same SOMA store (built with ``atlas ingest``) in the same run, each in its
+own subprocess so that memory is measured cleanly: the peak proportional set size (PSS) summed
+over the process and all its descendants (for Ray: the driver, raylet, GCS and the read-task
+workers; shared object-store pages are counted once).
+
+* ours: ``atlas.data`` — Ray Data read tasks over soma_joinid blocks (chunk + block shuffle,
+  local shuffle buffer), library-size normalisation + log1p, padded index-value tensors ready
+  for the model.
+* peer: ``tiledbsoma_ml.ExperimentDataset`` (shuffle=True, sparse X), iterated through its
+  ``experiment_dataloader``; raw counts, no normalisation.
+
+Datasets: (a) the real 422,682-cell ADTnorm protein atlas (9 antibodies); (b) the 33,539-gene
+whole-transcriptome COVID BALF set, **resampled** to ``--wt-cells`` cells (Poisson resampling of
+real cells; see benchmarks/resample.py).
+
+    python benchmarks/loader.py                # writes benchmarks/out/loader.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DATA = Path(os.environ.get("ATLAS_SHARED_DATA", HERE.parents[1] / "shared" / "data"))
+
+
+# ----------------------------------------------------------------------------- stores
+def prepare_stores(out: Path, wt_cells: int) -> dict[str, Path]:
+    from atlas.store.ingest import ingest
+    from atlas.store.versions import is_store
+
+    sys.path.insert(0, str(HERE))
+    from resample import resample_h5ad
+
+    stores = {}
+    adt = out / "stores" / "adt422k"
+    if not is_store(adt):
+        ingest(adt, DATA / "adtnorm_13studies_adt9_422k.h5ad", modality="protein",
+               dataset_id="adtnorm", batch_key="batch", species="human")
+    stores["adt422k (real, 9 proteins)"] = adt
+    wt = out / "stores" / f"wt{wt_cells // 1000}k"
+    if not is_store(wt):
+        h5 = out / f"liao_resampled_{wt_cells}.h5ad"
+        if not h5.exists():
+            resample_h5ad(DATA / "liao2020_covid_balf_3patients_rna_labelled.h5ad", h5, wt_cells)
+        ingest(wt, h5, modality="rna", dataset_id="liao_resampled", batch_key="patient", species="human")
+    stores[f"liao {wt_cells // 1000}k (resampled, 33,539 genes)"] = wt
+    return stores
+
+
+# ----------------------------------------------------------------------------- runners
+def run_ours(store: str, batch_size: int, epochs: int, modality: str) -> list[dict]:
+    import ray
+
+    from atlas.data.dataset import StreamConfig, build_plan, iter_batches, make_dataset
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    config = StreamConfig(modalities=(modality,), batch_size=batch_size, shuffle=True)
+    plan = build_plan(store, config)
+    ds = make_dataset(plan)
+    results = []
+    for epoch in range(epochs):
+        start, cells, nnz = time.perf_counter(), 0, 0
+        for batch in iter_batches(ds, plan, epoch=epoch, shuffle_buffer=config.shuffle_buffer):
+            cells += batch["soma_joinid"].numel()
+            nnz += int(batch[f"{modality}_mask"].sum())
+        results.append({"epoch": epoch, "cells": cells, "nnz": nnz, "seconds": time.perf_counter() - start})
+    ray.shutdown()
+    return results
+
+
+def run_peer(store: str, batch_size: int, epochs: int, modality: str, workers: int) -> list[dict]:
+    import tiledbsoma
+    from tiledbsoma_ml import ExperimentDataset, experiment_dataloader
+
+    from atlas.data.dataset import resolve_uri
+
+    results = []
+    with tiledbsoma.Experiment.open(resolve_uri(store)) as exp:
+        with exp.axis_query(measurement_name=modality) as query:
+            ds = ExperimentDataset(query, layer_name="counts", batch_size=batch_size, shuffle=True,
+                                   seed=0, return_sparse_X=True)
+            loader = experiment_dataloader(ds, num_workers=workers)
+            for epoch in range(epochs):
+                ds.set_epoch(epoch)
+                start, cells, nnz = time.perf_counter(), 0, 0
+                for X, obs in loader:
+                    cells += X.shape[0]
+                    nnz += X.nnz if hasattr(X, "nnz") else int((X != 0).sum())
+                results.append({"epoch": epoch, "cells": cells, "nnz": nnz, "seconds": time.perf_counter() - start})
+    return results
+
+
+# ----------------------------------------------------------------------------- measurement
+def _tree_pss(proc) -> int:
+    import psutil
+
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total
+
+
+def measure(args: list[str]) -> dict:
+    """Run one loader in a subprocess; sample its process tree's PSS every 0.2 s."""
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
+    ps = psutil.Process(proc.pid)
+    peak = 0
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _tree_pss(ps))
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    out, _ = proc.communicate()
+    done.set()
+    thread.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"loader run {args} failed with exit code {proc.returncode}")
+    epochs = json.loads(out.strip().splitlines()[-1])
+    return {"epochs": epochs, "peak_pss_mb": peak / 2**20}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=HERE / "out")
+    parser.add_argument("--wt-cells", type=int, default=200_000)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--epochs", type=int, default=2, help="epoch 0 includes start-up; the table reports the last")
+    parser.add_argument("--run", choices=["ours", "peer"], help=argparse.SUPPRESS)
+    parser.add_argument("--store", help=argparse.SUPPRESS)
+    parser.add_argument("--modality", default="RNA", help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.run == "ours":
+        print(json.dumps(run_ours(args.store, args.batch_size, args.epochs, args.modality)))
+        return
+    if args.run == "peer":
+        print(json.dumps(run_peer(args.store, args.batch_size, args.epochs, args.modality, args.workers)))
+        return
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stores = prepare_stores(args.out, args.wt_cells)
+    rows = []
+    for name, store in stores.items():
+        modality = "protein" if "adt" in name else "RNA"
+        common = ["--store", str(store), "--batch-size", str(args.batch_size), "--epochs", str(args.epochs),
+                  "--modality", modality]
+        for label, extra in [("atlas.data (Ray Data, 4 read slots)", ["--run", "ours"]),
+                             ("tiledbsoma-ml, num_workers=0", ["--run", "peer", "--workers", "0"]),
+                             ("tiledbsoma-ml, num_workers=2", ["--run", "peer", "--workers", "2"])]:
+            result = measure(common + extra)
+            last = result["epochs"][-1]
+            rows.append({"dataset": name, "loader": label, "cells": last["cells"],
+                         "cells_per_s": last["cells"] / last["seconds"],
+                         "first_epoch_cells_per_s": result["epochs"][0]["cells"] / result["epochs"][0]["seconds"],
+                         "peak_pss_mb": result["peak_pss_mb"]})
+            print(json.dumps(rows[-1]), flush=True)
+    (args.out / "loader.json").write_text(json.dumps(rows, indent=2))
+    lines = ["| dataset | loader | cells/epoch | shuffled cells/s (warm epoch) | first epoch cells/s | peak memory (PSS, MiB) |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['dataset']} | {r['loader']} | {r['cells']:,} | {r['cells_per_s']:,.0f} | "
+                     f"{r['first_epoch_cells_per_s']:,.0f} | {r['peak_pss_mb']:,.0f} |")
+    (args.out / "loader.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
