@@ -1,0 +1,233 @@
+"""Build an atlas: train → embed → index → artifact, from one build config.
+
+``jobs/build_atlas.py`` (``ray job submit``) and ``atlas build`` both call :func:`build_atlas`.
+The store version is resolved once and pinned for the whole build; the artifact is assembled in
+a staging folder beside ``output`` and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import ray
+import scipy.sparse as sp
+import torch
+
+from atlas.artifact import write_manifest
+from atlas.data.dataset import build_plan, make_dataset, vocabulary_sizes
+from atlas.data.plan import ReadPlan
+from atlas.data.reader import open_experiment
+from atlas.embed import embed_dataset, iter_embeddings
+from atlas.index.shards import build_hierarchy
+from atlas.models.config import config_to_dict
+from atlas.store.embeddings import write_embedding
+from atlas.store.versions import current_version, is_store
+from atlas.train.config import BuildConfig
+from atlas.train.trainer import cluster_has_gpus, fit_views_state, train
+
+DENSE_PROFILE_MAX_FEATURES = 2048
+"""Profiles of modalities up to this many features are stored dense (NaN rows = not measured)."""
+
+
+@dataclass
+class BuildSummary:
+    """What a build produced and how long each stage took."""
+
+    artifact: str
+    atlas_version: str
+    cells: int
+    store_version: int | None
+    seconds: dict[str, float]
+    final_loss: float
+    train_cells_per_s: float
+
+
+def init_local_ray(num_workers: int) -> None:
+    """Join the cluster in ``RAY_ADDRESS`` (a submitted job), or start a local Ray with enough
+    logical CPUs that read tasks and training workers can run side by side."""
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, num_workers + 2), include_dashboard=False)
+
+
+def _training_plan(build: BuildConfig, uri: str) -> ReadPlan:
+    # Enough read blocks that the streaming split can balance every worker (≥ 8 blocks each).
+    plan = build_plan(uri, build.data)
+    per_block = max(build.data.batch_size, math.ceil(plan.n_cells / (8 * build.scaling.num_workers)))
+    if per_block < build.data.block_size:
+        plan = build_plan(uri, dataclasses.replace(build.data, block_size=per_block))
+    return plan
+
+
+def _vocabulary(uri: str, modalities: tuple[str, ...]) -> dict[str, list[str]]:
+    exp = open_experiment(uri)
+    out = {}
+    for m in modalities:
+        var = exp.ms[m].var.read(column_names=["soma_joinid", "var_id"]).concat().to_pandas()
+        out[m] = var.sort_values("soma_joinid")["var_id"].astype(str).tolist()
+    return out
+
+
+def _obs_columns(uri: str, joinids: np.ndarray, columns: list[str]) -> pd.DataFrame:
+    exp = open_experiment(uri)
+    missing = [c for c in columns if c not in exp.obs.schema.names]
+    if missing:
+        raise KeyError(f"obs has no column(s) {missing}: check index.levels in the build config")
+    obs = exp.obs.read(coords=(np.sort(joinids),), column_names=["soma_joinid", *columns]).concat().to_pandas()
+    return obs.set_index("soma_joinid").loc[joinids]
+
+
+def _profiles(build: BuildConfig, uri: str, joinids: np.ndarray, domain_names) -> dict[str, tuple[list[str], Any]]:
+    """Normalised values of every profile modality for the reference cells, streamed by Ray Data."""
+    out = {}
+    vocab = _vocabulary(uri, tuple(build.index.profiles))
+    for m in build.index.profiles:
+        plan = build_plan(uri, dataclasses.replace(build.data, modalities=(m,), shuffle=False, single_domain=False),
+                          joinids=joinids, domain_names=domain_names)
+        position = pd.Series(np.arange(joinids.size), index=joinids)
+        rows, cols, vals = [], [], []
+        for table in make_dataset(plan).iter_batches(batch_size=None, batch_format="pyarrow"):
+            ids_col, val_col = table.column(f"{m}_ids").combine_chunks(), table.column(f"{m}_values").combine_chunks()
+            lengths = np.diff(ids_col.offsets.to_numpy())
+            cell_rows = position.loc[table.column("soma_joinid").to_numpy()].to_numpy()
+            rows.append(np.repeat(cell_rows, lengths))
+            cols.append(ids_col.flatten().to_numpy())
+            vals.append(val_col.flatten().to_numpy())
+        n_features = len(vocab[m])
+        matrix = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                               shape=(joinids.size, n_features), dtype=np.float32)
+        if n_features <= DENSE_PROFILE_MAX_FEATURES:
+            dense = matrix.toarray()
+            dense[np.diff(matrix.indptr) == 0] = np.nan  # not measured, not "all zero"
+            out[m] = (vocab[m], dense)
+        else:
+            out[m] = (vocab[m], matrix)
+    return out
+
+
+def build_atlas(build: BuildConfig, *, resume: bool = False, overwrite: bool = False,
+                log: Callable[[str], None] = print) -> BuildSummary:
+    """Run a whole build on the connected Ray cluster (``ray.init()`` is called if needed)."""
+    output = Path(build.output)
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise FileExistsError(f"{output} already holds an atlas; choose another output or pass --overwrite")
+    if not ray.is_initialized():
+        init_local_ray(build.scaling.num_workers)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    version = current_version(build.store) if is_store(build.store) else None
+    uri = version.uri if version else build.store
+    modalities = tuple(build.model.modalities)
+    plan = _training_plan(build, uri)
+    vocab_sizes = vocabulary_sizes(uri, modalities)
+    log(f"[build] store {build.store} version {version.version if version else '-'}: "
+        f"{plan.n_cells:,} cells, {len(plan.domain_names)} domains, modalities {list(modalities)}, "
+        f"{len(plan.blocks)} read blocks, {build.scaling.num_workers} worker(s)")
+
+    views_state = fit_views_state(build, plan, vocab_sizes, len(plan.domain_names))
+    result = train(build, plan, vocab_sizes, views_state=views_state, resume=resume)
+    seconds["train"] = result.seconds
+    epochs = result.history.get("epochs", [])
+    log(f"[build] trained in {result.seconds:.1f} s; final loss {epochs[-1]['loss']:.4f}" if epochs else "[build] trained")
+
+    t = time.perf_counter()
+    model_spec = {"config": config_to_dict(build.model), "vocab_sizes": vocab_sizes,
+                  "n_domains": len(plan.domain_names)}
+    embed_plan = build_plan(uri, dataclasses.replace(build.data, shuffle=False, single_domain=False),
+                            domain_names=plan.domain_names)
+    use_gpu = build.scaling.use_gpu if build.scaling.use_gpu is not None else cluster_has_gpus()
+    chunks = list(iter_embeddings(embed_dataset(embed_plan, model_spec, result.model_state,
+                                                batch_size=build.index.embed_batch_size,
+                                                actors=build.index.embed_actors, use_gpu=use_gpu)))
+    joinids = np.concatenate([c[0] for c in chunks])
+    embeddings = np.concatenate([c[1] for c in chunks])
+    order = np.argsort(joinids)
+    joinids, embeddings = joinids[order], embeddings[order]
+    seconds["embed"] = time.perf_counter() - t
+    log(f"[build] embedded {joinids.size:,} reference cells in {seconds['embed']:.1f} s")
+
+    atlas_version = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+    embedding_version = None
+    if version is not None:
+        written = write_embedding(
+            build.store, modalities[0], f"atlas_{build.name}",
+            ((joinids[i : i + 65536], embeddings[i : i + 65536]) for i in range(0, joinids.size, 65536)),
+            {"atlas_version": atlas_version, "model": build.model.model, "modalities": list(modalities),
+             "built_from_store_version": version.version},
+        )
+        embedding_version = written.version
+        log(f"[build] embeddings written to the store as version {written.version} "
+            f"({modalities[0]}.obsm['atlas_{build.name}'])")
+
+    t = time.perf_counter()
+    levels = list(build.index.levels)
+    obs = _obs_columns(uri, joinids, ["dataset_id", *levels])
+    profiles = _profiles(build, uri, joinids, plan.domain_names) if build.index.profiles else None
+    staging = output.parent / f".{output.name}.staging-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    try:
+        layout = build_hierarchy(
+            embeddings, joinids, {lv: obs[lv].to_numpy() for lv in levels}, levels, profiles,
+            obs["dataset_id"].to_numpy(), index_kind=build.index.kind, exact_below=build.index.exact_below,
+            use_gpu=use_gpu or None, n_hash_shards=build.index.hash_shards, out_dir=staging / "shards",
+            seed=build.train.seed,
+        )
+        seconds["index"] = time.perf_counter() - t
+        log(f"[build] index: {layout.mode} layout, {len(layout.shard_names())} shard(s) in {seconds['index']:.1f} s")
+        torch.save(result.model_state, staging / "model.pt")
+        seconds["total"] = time.perf_counter() - t0
+        store_record = {"uri": str(Path(uri).resolve()) if "://" not in uri else uri,
+                        "version": version.version if version else None,
+                        "committed_at": _committed_at(build.store, version),
+                        "embedding_version": embedding_version}
+        manifest = write_manifest(
+            staging,
+            build_config=build.to_dict(),
+            model={**model_spec, "kind": build.model.model, "domain_names": list(plan.domain_names),
+                   "weights": "model.pt"},
+            vocabulary=_vocabulary(uri, tuple(sorted(set(modalities) | set(build.index.profiles)))),
+            store=store_record,
+            metrics={"epochs": epochs, "seconds": seconds, "cells": int(joinids.size),
+                     "train_cells_per_s": epochs[-1]["cells_per_s"] if epochs else None},
+            extra={"history": result.history, "run_path": result.run_path},
+            atlas_version=atlas_version,
+        )
+        if output.exists():
+            shutil.rmtree(output)
+        staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    summary = BuildSummary(
+        artifact=str(output), atlas_version=manifest["atlas_version"], cells=int(joinids.size),
+        store_version=version.version if version else None, seconds=seconds,
+        final_loss=float(epochs[-1]["loss"]) if epochs else float("nan"),
+        train_cells_per_s=float(epochs[-1]["cells_per_s"]) if epochs else float("nan"),
+    )
+    log(f"[build] atlas {summary.atlas_version} written to {output} in {seconds['total']:.1f} s")
+    return summary
+
+
+def _committed_at(store: str, version) -> float | None:
+    if version is None:
+        return None
+    from atlas.store.versions import read_record
+
+    for entry in read_record(store)["history"]:
+        if entry["version"] == version.version:
+            return entry.get("committed_at")
+    return None

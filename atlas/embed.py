@@ -1,0 +1,81 @@
+"""Batch inference: embed every reference (or query) cell with a frozen model via Ray Data.
+
+The dataset's read tasks stream cells from the store; an actor pool (one actor per GPU, or CPU
+actors) holds the frozen model, loaded once per actor, and turns each block into embeddings.
+The caller consumes the result as a stream (``iter_embeddings``), so the driver never holds the
+expression matrix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+
+from atlas.data.collate import table_to_batch
+from atlas.data.dataset import make_dataset
+from atlas.data.plan import ReadPlan
+from atlas.models.config import build_model, config_from_dict
+
+
+class Embedder:
+    """A Ray Data actor: the frozen model, loaded once, embedding Arrow blocks of cells."""
+
+    def __init__(self, model_spec: dict[str, Any], state: dict[str, torch.Tensor], modalities: tuple[str, ...]):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if isinstance(state, ray.ObjectRef):  # weights travel once through the object store
+            state = ray.get(state)
+        model = build_model(config_from_dict(model_spec["config"]), model_spec["vocab_sizes"], model_spec["n_domains"])
+        model.load_state_dict(state)
+        self.model = model.to(self.device).eval()
+        self.modalities = modalities
+
+    @torch.inference_mode()
+    def __call__(self, table: pa.Table) -> pa.Table:
+        batch = {k: v.to(self.device) for k, v in table_to_batch(table, self.modalities).items()}
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            z = self.model.embed(batch)
+        z = z.float().cpu().numpy()
+        return pa.table({
+            "soma_joinid": table.column("soma_joinid"),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(z.reshape(-1)), z.shape[1]),
+        })
+
+
+def embed_dataset(
+    plan: ReadPlan,
+    model_spec: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    *,
+    batch_size: int = 2048,
+    actors: int = 1,
+    use_gpu: bool = False,
+) -> ray.data.Dataset:
+    """Embeddings of the plan's cells: rows ``soma_joinid``, ``embedding`` (fixed-size list).
+
+    ``model_spec`` holds ``config`` (a dict), ``vocab_sizes`` and ``n_domains``.
+    """
+    state_ref = ray.put({k: v.cpu() for k, v in state.items()})
+    return make_dataset(plan).map_batches(
+        Embedder,
+        fn_constructor_kwargs={"model_spec": model_spec, "state": state_ref, "modalities": plan.modalities},
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=1 if use_gpu else 0,
+    )
+
+
+def iter_embeddings(ds: ray.data.Dataset) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Stream ``(soma_joinid [n], embedding [n, d])`` chunks of an embedding dataset."""
+    for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        emb = table.column("embedding").combine_chunks()
+        dim = emb.type.list_size
+        yield (
+            table.column("soma_joinid").to_numpy(),
+            emb.flatten().to_numpy().reshape(-1, dim).astype(np.float32, copy=False),
+        )

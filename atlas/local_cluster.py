@@ -1,0 +1,138 @@
+"""A local Ray head started for one command (the demo, tests), and stopped by it alone.
+
+``ray stop`` would stop every Ray on the machine, a user's own cluster included; this head runs
+in a process group and a temp dir of its own, so stopping it touches nothing else, and its
+address file never makes a later ``ray.init()`` try to join a dead cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class LocalHead:
+    """A running local Ray head."""
+
+    dashboard_url: str
+    """Address for ``ray job submit --address`` / ``JobSubmissionClient``."""
+    gcs_address: str
+    """Address for ``ray.init(address=...)``."""
+    env: dict
+    """Environment for Ray CLI calls against this head (token auth on, this venv first on PATH)."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # Job drivers and workers must run this environment's python (and so find `atlas`).
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["RAY_AUTH_MODE"] = "token"  # `ray start --head` turns token authentication on in Ray 2.60
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def ray_cli() -> str:
+    return str(Path(sys.executable).parent / "ray")
+
+
+@contextmanager
+def local_head(num_cpus: int, timeout: float = 120.0, log: Path | None = None) -> Iterator[LocalHead]:
+    """Start ``ray start --head --block`` in its own process group; stop it on exit."""
+    temp_dir = tempfile.mkdtemp(prefix="atlas-ray-", dir="/tmp")  # short: Unix socket paths are limited
+    port, dashboard = _free_port(), _free_port()
+    env = ray_cli_env()
+    out = open(log, "w") if log else subprocess.DEVNULL
+    process = subprocess.Popen(
+        [ray_cli(), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dashboard}",
+         "--dashboard-host=127.0.0.1", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}",
+         # Fixed default ports (agent 52365, client 10001) collide with any other local Ray.
+         f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
+         "--disable-usage-stats"],
+        env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"ray start --head exited with code {process.returncode}")
+            try:
+                with urllib.request.urlopen(f"{url}/api/version", timeout=2):
+                    break
+            except urllib.error.HTTPError:  # it answers (401 without the token): it is up
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the local Ray head did not answer at {url} within {timeout:.0f} s") from None
+                time.sleep(1)
+        yield LocalHead(dashboard_url=url, gcs_address=f"127.0.0.1:{port}", env=env)
+    finally:
+        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(process.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                process.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                pass
+        try:  # children the SIGTERM left behind (gcs, raylet) share the group
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if out is not subprocess.DEVNULL:
+            out.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def submit_job(head: LocalHead, working_dir: Path, entrypoint: list[str], retry_for: float = 60.0) -> str:
+    """``ray job submit`` → follow its logs → raise unless it SUCCEEDED; returns the job id.
+
+    A just-started head answers HTTP before its job agent is up ("No available agent to submit
+    job"): submission is retried for ``retry_for`` seconds.
+    """
+    import re
+
+    ray_bin, address = ray_cli(), ["--address", head.dashboard_url]
+    deadline = time.monotonic() + retry_for
+    while True:
+        done = subprocess.run(
+            [ray_bin, "job", "submit", *address, "--no-wait", "--working-dir", str(working_dir),
+             "--entrypoint-num-cpus", "0", "--", *entrypoint],
+            env=head.env, capture_output=True, text=True,
+        )
+        output = done.stdout + done.stderr
+        match = re.search(r"Job '([^']+)' submitted successfully", output)
+        if done.returncode == 0 and match:
+            job_id = match.group(1)
+            break
+        if "No available agent" not in output or time.monotonic() > deadline:
+            raise RuntimeError(f"ray job submit failed:\n{output[-2000:]}")
+        time.sleep(2)
+    print(f"submitted job {job_id}: {' '.join(entrypoint)}", flush=True)
+    subprocess.run([ray_bin, "job", "logs", *address, "--follow", job_id], env=head.env, check=False)
+    done = subprocess.run([ray_bin, "job", "status", *address, job_id], env=head.env, capture_output=True, text=True)
+    status = done.stdout + done.stderr
+    if f"Job '{job_id}' succeeded" not in status:
+        raise RuntimeError(f"job {job_id} did not succeed: {status.strip()[-500:]}")
+    return job_id

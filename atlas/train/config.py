@@ -1,0 +1,185 @@
+"""The build config: one typed object, loadable from YAML, stored whole in the artifact manifest.
+
+Example ``build.yaml``::
+
+    name: pbmc10k-concerto
+    store: stores/pbmc10k            # an atlas store folder (its current version is pinned)
+    output: artifacts/pbmc10k        # the atlas artifact folder
+    model: {model: concerto, modalities: [RNA], embed_dim: 128}
+    data: {batch_size: 64, single_domain: true, domain_key: batch}
+    train: {epochs: 3, lr: 1.0e-3, checkpoint_every: 200}
+    scaling: {num_workers: 2, use_gpu: false}
+    index: {levels: [cell_type_l1, cell_type_l2], profiles: [protein]}
+
+Every section has defaults; unknown keys are errors (a typo must not be silently ignored).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from atlas.data.dataset import StreamConfig
+from atlas.errors import AtlasError
+from atlas.models.config import ModelConfig, config_from_dict, config_to_dict
+
+
+class ConfigError(AtlasError, ValueError):
+    """A build config that cannot be used, with the key at fault."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings (the schedule itself is the method's: see atlas.train.step)."""
+
+    epochs: int = 3
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    checkpoint_every: int = 500
+    """Steps between checkpoints (a checkpoint is also written at the end of every epoch)."""
+    keep_checkpoints: int = 2
+    shuffle_buffer: int = 4096
+    """Cells in each worker's local shuffle buffer (mixed minibatches only)."""
+    view_fit_cells: int = 50_000
+    """CVQVAE PCA/LSI views are fitted on at most this many reference cells."""
+
+
+@dataclass(frozen=True)
+class ScalingSection:
+    """Ray Train workers (``ray.train.ScalingConfig``)."""
+
+    num_workers: int = 1
+    use_gpu: bool | None = None
+    """None: use GPUs when the cluster has them."""
+    resources_per_worker: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunSection:
+    """Where checkpoints go and how failures are handled (``RunConfig``, ``FailureConfig``)."""
+
+    storage_path: str | None = None
+    """Local folder or object-storage URI for checkpoints; default: ``<output>/../runs``."""
+    max_failures: int = 2
+
+
+@dataclass(frozen=True)
+class IndexSection:
+    """Reference embedding, faiss index layout and modality profiles."""
+
+    levels: tuple[str, ...] = ()
+    """Label levels, coarse to fine (obs columns of the store); empty: hash shards, flat mapping."""
+    profiles: tuple[str, ...] = ()
+    """Modalities whose normalised values are stored per reference cell (missing-modality prediction)."""
+    kind: str = "auto"
+    exact_below: int = 200_000
+    hash_shards: int = 4
+    embed_batch_size: int = 2048
+    embed_actors: int = 1
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything needed to rebuild an atlas."""
+
+    store: str
+    output: str
+    model: ModelConfig
+    name: str = "atlas"
+    data: StreamConfig = field(default_factory=StreamConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    run: RunSection = field(default_factory=RunSection)
+    index: IndexSection = field(default_factory=IndexSection)
+
+    @property
+    def storage_path(self) -> str:
+        return self.run.storage_path or str(Path(self.output).resolve().parent / "runs")
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "store": self.store, "output": self.output}
+        out["model"] = config_to_dict(self.model)
+        for section in ("data", "train", "scaling", "run", "index"):
+            out[section] = _plain(dataclasses.asdict(getattr(self, section)))
+        return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _section(cls: type, data: dict | None, name: str):
+    data = dict(data or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in section '{name}'; allowed: {sorted(fields)}")
+    for key, value in data.items():
+        if isinstance(value, list):
+            data[key] = tuple(value)
+    try:
+        return cls(**data)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"section '{name}': {err}") from err
+
+
+def build_config_from_dict(data: dict[str, Any], base_dir: Path | None = None) -> BuildConfig:
+    """Validate a parsed YAML/JSON build config; relative paths are resolved against ``base_dir``."""
+    if not isinstance(data, dict):
+        raise ConfigError("a build config is a mapping with at least 'store', 'output' and 'model'")
+    allowed = {"name", "store", "output", "model", "data", "train", "scaling", "run", "index"}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown top-level key(s) {unknown}; allowed: {sorted(allowed)}")
+    for key in ("store", "output", "model"):
+        if key not in data:
+            raise ConfigError(f"the build config needs '{key}'")
+    try:
+        model = config_from_dict(dict(data["model"]))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"section 'model': {err}") from err
+    stream = _section(StreamConfig, data.get("data"), "data")
+    if "modalities" not in (data.get("data") or {}):
+        stream = dataclasses.replace(stream, modalities=tuple(model.modalities))
+    missing = [m for m in model.modalities if m not in stream.modalities]
+    if missing:
+        raise ConfigError(f"the model uses {missing} but data.modalities streams only {list(stream.modalities)}")
+
+    def resolve(path: str) -> str:
+        if base_dir is None or "://" in path or Path(path).is_absolute():
+            return path
+        return str((base_dir / path).resolve())
+
+    return BuildConfig(
+        name=str(data.get("name", "atlas")),
+        store=resolve(str(data["store"])),
+        output=resolve(str(data["output"])),
+        model=model,
+        data=stream,
+        train=_section(TrainConfig, data.get("train"), "train"),
+        scaling=_section(ScalingSection, data.get("scaling"), "scaling"),
+        run=_section(RunSection, data.get("run"), "run"),
+        index=_section(IndexSection, data.get("index"), "index"),
+    )
+
+
+def load_build_config(path: str | Path) -> BuildConfig:
+    """Read a build config YAML; paths inside it are relative to the file's folder."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"build config {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    return build_config_from_dict(data, base_dir=path.resolve().parent)

@@ -1,0 +1,61 @@
+"""The build config: typed, validated, and round-tripped through the artifact manifest."""
+
+import pytest
+import yaml
+
+from atlas.models.config import ConcertoConfig
+from atlas.train.config import ConfigError, build_config_from_dict, load_build_config
+
+MINIMAL = {"store": "stores/pbmc", "output": "artifacts/pbmc", "model": {"model": "concerto"}}
+
+
+def test_defaults_and_model_modalities_flow_into_the_data_section():
+    build = build_config_from_dict({**MINIMAL, "model": {"model": "concerto", "modalities": ["RNA", "protein"]}})
+    assert isinstance(build.model, ConcertoConfig)
+    assert build.data.modalities == ("RNA", "protein")
+    assert build.scaling.num_workers == 1 and build.train.epochs == 3
+
+
+def test_round_trip_through_a_plain_dict():
+    build = build_config_from_dict({**MINIMAL, "index": {"levels": ["cell_type_l1", "cell_type_l2"]},
+                                    "data": {"batch_size": 32, "single_domain": True}})
+    again = build_config_from_dict(build.to_dict())
+    assert again == build
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({**MINIMAL, "trian": {}}, "unknown top-level key"),
+    ({**MINIMAL, "train": {"epoch": 3}}, "unknown key.*'train'"),
+    ({"store": "s", "model": {"model": "concerto"}}, "needs 'output'"),
+    ({**MINIMAL, "model": {"model": "scvi"}}, "unknown model"),
+    ({**MINIMAL, "data": {"modalities": ["protein"]}}, "streams only"),
+    ({**MINIMAL, "data": {"batch_size": 0}}, "positive"),
+])
+def test_bad_configs_name_the_key_at_fault(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config_from_dict(bad)
+
+
+def test_yaml_paths_are_relative_to_the_config_file(tmp_path):
+    (tmp_path / "conf").mkdir()
+    path = tmp_path / "conf" / "build.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL))
+    build = load_build_config(path)
+    assert build.store == str((tmp_path / "conf" / "stores" / "pbmc").resolve())
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        path.write_text("store: [unclosed")
+        load_build_config(path)
+
+
+def test_cli_build_with_a_bad_config_prints_one_line_and_exits_2(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "build.yaml"
+    path.write_text(yaml.safe_dump({**MINIMAL, "trian": {}}))
+    for target in (path, tmp_path / "missing.yaml"):
+        done = subprocess.run([sys.executable, "-m", "atlas.cli", "build", str(target)], capture_output=True, text=True)
+        assert done.returncode == 2
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+        assert "Traceback" not in done.stderr
