@@ -1,0 +1,310 @@
+"""Concerto: contrastive self-distillation between an attention teacher and a dense student.
+
+A cell enters as its measured features (vocabulary ids) and their normalised values. Two
+networks read the same cell:
+
+* the **teacher** embeds each feature id, scales the embedding by the feature's value (after a
+  one-channel BatchNorm of the values, as in the original), pools the
+  features with attention (the attention weights are per-cell feature importances), then
+  tanh → domain-specific BatchNorm → dropout → Dense(ReLU);
+* the **student** is one dense layer over the full value vector (computed sparsely), then
+  domain-specific BatchNorm → dropout → ReLU.
+
+Training pulls the teacher and student views of the same cell together and pushes views of other
+cells apart (NT-Xent, τ = 0.1). The two independent dropout masks are the only augmentation: the
+molecular input is never perturbed. After training, the teacher output is the cell's embedding
+for mapping queries to the reference.
+
+Multimodal cells have one teacher/student pair per modality whose outputs are summed; a cell
+lacking a modality simply has no term for it, so an RNA-only query embeds with the RNA teacher
+of a multimodal reference.
+
+Data parallelism: ``forward(batch)`` returns the loss, so DDP synchronises gradients. With
+``gather_negatives`` the outputs of all workers are all-gathered (with gradients) and each
+worker's cells see every worker's cells as negatives — the effective batch is the global one,
+as in the single-GPU original. Off by default because the all-gather costs a collective per step
+and requires every worker to call forward the same number of times. Workers may have different
+numbers of cells (they are padded and masked). If a batch can lack a modality entirely, wrap the
+model with ``DDP(find_unused_parameters=True)``, since that modality's networks get no gradient.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from collections.abc import Iterator, Mapping
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from atlas.models.config import ConcertoConfig
+from atlas.models.layers import DomainBatchNorm1d, MaskedAttentionPool, SparseLinear
+
+Batch = Mapping[str, torch.Tensor]
+
+
+def modality_present(batch: Batch, modality: str) -> torch.Tensor:
+    """[B] bool: which cells of the batch have at least one value of ``modality``."""
+    key = f"{modality}_mask"
+    if key not in batch:
+        return torch.zeros(batch["domain"].shape[0], dtype=torch.bool, device=batch["domain"].device)
+    return batch[key].any(1)
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Temporarily switch a module to eval mode (restoring the previous mode afterwards)."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+class ConcertoTeacher(nn.Module):
+    """Feature-id embedding × value → masked attention pooling → tanh → DSBN → dropout → Dense(ReLU)."""
+
+    def __init__(self, n_features: int, dim: int, dropout: float, n_domains: int):
+        super().__init__()
+        self.embedding = nn.Embedding(n_features, dim)
+        nn.init.normal_(self.embedding.weight, std=dim**-0.5)
+        # One-channel BatchNorm on the values (as in the original): standardised values make
+        # ``e_i * v_i`` vary in sign and size around 0, so the attention can depend on how much
+        # of a feature a cell has rather than saturating tanh for every abundant feature.
+        self.value_norm = nn.BatchNorm1d(1)
+        self.pool = MaskedAttentionPool(dim)
+        self.norm = DomainBatchNorm1d(dim, n_domains)
+        self.dropout = nn.Dropout(dropout)
+        self.dense = nn.Linear(dim, dim)
+
+    def _pool(
+        self, ids: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """(pooled [B, D], packed h [N, D], packed weights [N], (rows, cols) of the packed entries)."""
+        # Only the measured features are embedded (packed), never the padding.
+        rows, cols = mask.nonzero(as_tuple=True)
+        v = self.value_norm(values[rows, cols].float().unsqueeze(-1))
+        h = self.embedding(ids[rows, cols]) * v.to(self.embedding.weight.dtype)
+        pooled, w = self.pool.pool_packed(h, rows, ids.shape[0])
+        return pooled, h, w, (rows, cols)
+
+    def forward(
+        self, ids: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, domain: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, L] ids/values/mask, [B] domain → (embedding [B, D], attention weights [B, L])."""
+        pooled, _, w, (rows, cols) = self._pool(ids, values, mask)
+        weights = torch.zeros(mask.shape, dtype=w.dtype, device=w.device)
+        weights[rows, cols] = w
+        x = self.norm(torch.tanh(pooled), domain)
+        return F.relu(self.dense(self.dropout(x))), weights
+
+    def contributions(self, ids: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, L] share of each feature in the pooled vector: ``a_i‖h_i‖ / Σ_j a_j‖h_j‖``.
+
+        ``pooled = Σ a_i h_i`` with ``h_i = e_i · v_i``, so the value enters a feature's part of the
+        pooled vector twice (in ``a_i`` and in ``h_i``); the weight ``a_i`` alone is not the
+        feature's importance. Trained on real data the teacher learns scores that *decrease* with
+        the value for (nearly) every feature — a soft compression of the dynamic range — so a
+        cell's dominant marker gets a below-average ``a_i`` but still the largest ``a_i‖h_i‖``.
+        """
+        _, h, w, (rows, cols) = self._pool(ids, values, mask)
+        part = w.float() * h.float().norm(dim=1)
+        total = torch.zeros(mask.shape[0], device=part.device).index_add(0, rows, part)
+        out = torch.zeros(mask.shape, dtype=torch.float32, device=part.device)
+        out[rows, cols] = part / total[rows].clamp_min(1e-12)
+        return out
+
+
+class ConcertoStudent(nn.Module):
+    """Dense layer over the full value vector (sparse EmbeddingBag) → DSBN → dropout → ReLU,
+    optionally followed by more Dense → DSBN → dropout → ReLU blocks."""
+
+    def __init__(self, n_features: int, dim: int, dropout: float, n_domains: int, blocks: int = 1):
+        super().__init__()
+        self.input = SparseLinear(n_features, dim)
+        self.norms = nn.ModuleList([DomainBatchNorm1d(dim, n_domains) for _ in range(blocks)])
+        self.denses = nn.ModuleList([nn.Linear(dim, dim) for _ in range(blocks - 1)])
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self, ids: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, domain: torch.Tensor
+    ) -> torch.Tensor:
+        x = self.input(ids, values, mask)
+        for i, norm in enumerate(self.norms):
+            if i > 0:
+                x = self.denses[i - 1](x)
+            x = F.relu(self.dropout(norm(x, domain)))
+        return x
+
+
+def _gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """All-gather ``x`` [n, D] from every worker with gradients; rows may differ in number.
+
+    Returns (gathered [W·n_max, D], valid [W·n_max] bool, offset of this worker's rows).
+    """
+    from torch.distributed.nn.functional import all_gather
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    n_max = int(torch.stack(sizes).max())
+    padded = F.pad(x, (0, 0, 0, n_max - x.shape[0]))
+    gathered = torch.cat(all_gather(padded), 0)
+    valid = torch.cat(
+        [torch.arange(n_max, device=x.device) < int(s) for s in sizes]
+    )
+    return gathered, valid, rank * n_max
+
+
+def nt_xent(
+    teacher: torch.Tensor,
+    student: torch.Tensor,
+    temperature: float = 0.1,
+    gather_negatives: bool = False,
+) -> torch.Tensor:
+    """Symmetric NT-Xent (InfoNCE) loss between teacher and student views of the same cells.
+
+    Both views are L2-normalised; for each of the 2N views the positive is the other view of the
+    same cell and the 2N − 2 remaining views are negatives; the cross-entropy over cosine
+    similarities / ``temperature`` is averaged over the 2N anchors. With ``gather_negatives``
+    (and torch.distributed initialised) the candidates are the views of all workers' cells.
+    """
+    t = F.normalize(teacher.float(), dim=1)
+    s = F.normalize(student.float(), dim=1)
+    n = t.shape[0]
+    anchors = torch.cat([t, s], 0)  # [2n, D]
+    distributed = gather_negatives and dist.is_available() and dist.is_initialized()
+    if distributed:
+        t_all, valid, offset = _gather_with_grad(t)
+        s_all, _, _ = _gather_with_grad(s)
+        m = t_all.shape[0]
+        candidates = torch.cat([t_all, s_all], 0)  # [2m, D]
+        cand_valid = torch.cat([valid, valid])
+    else:
+        m, offset = n, 0
+        candidates = anchors
+        cand_valid = torch.ones(2 * n, dtype=torch.bool, device=t.device)
+    logits = anchors @ candidates.t() / temperature  # [2n, 2m]
+    local = torch.arange(n, device=t.device) + offset
+    self_idx = torch.cat([local, local + m])
+    pos_idx = torch.cat([local + m, local])
+    rows = torch.arange(2 * n, device=t.device)
+    exclude = ~cand_valid[None, :].expand(2 * n, -1).clone()
+    exclude[rows, self_idx] = True
+    logits = logits.masked_fill(exclude, float("-inf"))
+    return F.cross_entropy(logits, pos_idx)
+
+
+class Concerto(nn.Module):
+    """Concerto for one or several modalities (one teacher/student pair each, outputs summed).
+
+    ``forward(batch)`` → ``{"loss", "n_cells", "positive_cosine"}`` (tensors; the loss is what
+    DDP back-propagates). ``embed(batch)`` → teacher embedding [B, D] in eval mode.
+    ``attention(batch, modality)`` → per-feature attention weights aligned with ``{m}_ids``.
+    """
+
+    def __init__(self, config: ConcertoConfig, vocab_sizes: dict[str, int], n_domains: int):
+        super().__init__()
+        self.config = config
+        self.modalities = tuple(config.modalities)
+        # Without domain-specific BN every cell is normalised as one domain.
+        self.n_domains = max(int(n_domains), 1) if config.domain_bn else 1
+        d, p = config.embed_dim, config.dropout
+        self.teachers = nn.ModuleDict(
+            {m: ConcertoTeacher(vocab_sizes[m], d, p, self.n_domains) for m in self.modalities}
+        )
+        self.students = nn.ModuleDict(
+            {
+                m: ConcertoStudent(vocab_sizes[m], d, p, self.n_domains, config.student_blocks)
+                for m in self.modalities
+            }
+        )
+
+    def _domain(self, batch: Batch) -> torch.Tensor:
+        domain = batch["domain"].long()
+        if not self.config.domain_bn:
+            # Keep unseen (-1) cells unseen-but-equivalent: one shared set of statistics.
+            return torch.zeros_like(domain)
+        return domain
+
+    def _views(self, batch: Batch, with_student: bool) -> dict[str, torch.Tensor]:
+        domain = self._domain(batch)
+        n = domain.shape[0]
+        dim = self.config.embed_dim
+        device = domain.device
+        teacher = torch.zeros(n, dim, device=device)
+        student = torch.zeros(n, dim, device=device)
+        any_modality = torch.zeros(n, dtype=torch.bool, device=device)
+        for m in self.modalities:
+            present = modality_present(batch, m)
+            if not bool(present.any()):
+                continue
+            any_modality |= present
+            rows = present.nonzero(as_tuple=True)[0]
+            # Only cells that have the modality enter its networks (and its BN statistics).
+            ids = batch[f"{m}_ids"][rows]
+            values = batch[f"{m}_values"][rows]
+            mask = batch[f"{m}_mask"][rows]
+            z_t, _ = self.teachers[m](ids, values, mask, domain[rows])
+            teacher = teacher.index_add(0, rows, z_t.float())
+            if with_student:
+                z_s = self.students[m](ids, values, mask, domain[rows])
+                student = student.index_add(0, rows, z_s.float())
+        return {"teacher": teacher, "student": student, "any": any_modality}
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Contrastive loss of one minibatch; cells without any of the model's modalities are
+        left out of the loss."""
+        views = self._views(batch, with_student=True)
+        keep = views["any"]
+        t, s = views["teacher"][keep], views["student"][keep]
+        if t.shape[0] < 2 and not self.config.gather_negatives:
+            # No negatives: a zero loss that still touches the graph (DDP needs a backward).
+            loss = 0.0 * (t.sum() + s.sum())
+        else:
+            loss = nt_xent(t, s, self.config.temperature, self.config.gather_negatives)
+        with torch.no_grad():
+            pos = (F.normalize(t, dim=1) * F.normalize(s, dim=1)).sum(1).mean() if t.numel() else t.sum()
+        return {
+            "loss": loss,
+            "n_cells": torch.tensor(float(t.shape[0]), device=t.device),
+            "positive_cosine": pos,
+        }
+
+    @torch.no_grad()
+    def embed(self, batch: Batch) -> torch.Tensor:
+        """Teacher embedding [B, embed_dim] of each cell (eval mode: no dropout, running
+        statistics, so the same cell always gets the same vector). Cells with none of the
+        model's modalities get the zero vector."""
+        with eval_mode(self):
+            return self._views(batch, with_student=False)["teacher"]
+
+    @torch.no_grad()
+    def attention(
+        self, batch: Batch, modality: str | None = None, kind: str = "weight"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-feature attention of the teacher of ``modality`` (default: the first).
+
+        ``kind="weight"``: the softmax weights ``a_i``. ``kind="contribution"``: each feature's
+        share of the pooled vector, ``a_i‖h_i‖ / Σ_j a_j‖h_j‖`` — the feature importance to use
+        for interpretation (marker recovery per cell type): the learned scores fall with the
+        value, so ``a_i`` alone ranks a cell's dominant markers *last* (see
+        :meth:`ConcertoTeacher.contributions`).
+
+        Returns ``(ids, weights)``, both [B, L] aligned with ``batch[f"{modality}_ids"]``;
+        weights sum to 1 over a cell's measured features and are 0 on padding (and for cells
+        without the modality).
+        """
+        if kind not in ("weight", "contribution"):
+            raise ValueError(f"kind must be 'weight' or 'contribution', got {kind!r}")
+        modality = modality or self.modalities[0]
+        ids, values, mask = (batch[f"{modality}_{k}"] for k in ("ids", "values", "mask"))
+        teacher = self.teachers[modality]
+        with eval_mode(self):
+            if kind == "contribution":
+                return ids, teacher.contributions(ids, values, mask)
+            _, weights = teacher(ids, values, mask, self._domain(batch))
+        return ids, weights

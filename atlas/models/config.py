@@ -1,0 +1,139 @@
+"""Typed model configurations and the one model factory.
+
+Each model has a frozen dataclass config. ``config_to_dict`` gives a JSON-able dict (stored in
+the atlas artifact's manifest), ``config_from_dict`` reads it back (the ``"model"`` key picks
+the class), and ``build_model`` turns a config plus the store's vocabulary sizes into a module,
+so any atlas can be rebuilt from its manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from torch import nn
+
+MODALITY_NAMES = ("RNA", "protein", "ATAC")
+
+
+@dataclass(frozen=True)
+class ConcertoConfig:
+    """Concerto: contrastive self-distillation between an attention teacher and a dense student."""
+
+    model: Literal["concerto"] = "concerto"
+    #: Measurements used, one teacher/student pair each (``RNA``, ``protein``, ``ATAC``).
+    modalities: tuple[str, ...] = ("RNA",)
+    #: Width of feature embeddings, pooled vector and output embedding.
+    embed_dim: int = 128
+    #: Dropout in teacher and student; the two independent masks are the only augmentation.
+    dropout: float = 0.1
+    #: Dense → BN → dropout → ReLU blocks in the student (the original stacks two).
+    student_blocks: int = 1
+    #: NT-Xent temperature.
+    temperature: float = 0.1
+    #: Gather negatives from all data-parallel workers (needs torch.distributed initialised).
+    gather_negatives: bool = False
+    #: Per-domain batch-norm statistics (batch effect removal); False = one set of statistics.
+    domain_bn: bool = True
+
+
+@dataclass(frozen=True)
+class CVQVAEConfig:
+    """CVQVAE: two cross-trained encoder/decoder pairs with a vector-quantised latent."""
+
+    model: Literal["cvqvae"] = "cvqvae"
+    #: The paired modalities (S1, S2), e.g. ``("RNA", "ATAC")`` or ``("RNA", "protein")``.
+    modalities: tuple[str, str] = ("RNA", "ATAC")
+    #: ``"pca_lsi"``: fixed views fitted on the reference (PCA of log-normalised RNA/protein,
+    #: LSI of ATAC), stored as buffers; ``"learned"``: a sparse learned input layer per modality
+    #: and reconstruction of the full feature vector.
+    input_view: Literal["pca_lsi", "learned"] = "pca_lsi"
+    #: Components of each fixed view (capped at the number of features − 1 when fitting).
+    view_components: int = 128
+    #: Drop the first LSI component (it tracks sequencing depth, as in Signac/ArchR).
+    lsi_drop_first: bool = True
+    #: How ATAC values arrive in batches: ``"lognorm"`` (library-size + log1p, converted to
+    #: TF-IDF inside the view) or ``"tfidf"`` (already TF-IDF).
+    atac_values: Literal["lognorm", "tfidf"] = "lognorm"
+    #: Hidden widths of encoders (decoders mirror them).
+    hidden: tuple[int, ...] = (512, 256, 128)
+    latent_dim: int = 16
+    dropout: float = 0.0
+    #: False = the "CVAE" ablation: same cross-training, no quantiser.
+    quantize: bool = True
+    codebook_size: int = 512
+    #: One codebook for both modalities instead of K1, K2.
+    shared_codebook: bool = False
+    decay: float = 0.99
+    eps: float = 1e-5
+    beta: float = 0.25
+    #: Codes whose EMA count is below this fraction of the mean count are re-seeded.
+    dead_threshold: float = 0.1
+    #: λ1 (E1 → D2 reconstructs S2), λ2 (E2 → D1 reconstructs S1), λ3 (‖z1 − z2‖²).
+    lambdas: tuple[float, float, float] = (1.0, 1.0, 10.0)
+
+
+ModelConfig = ConcertoConfig | CVQVAEConfig
+_CLASSES: dict[str, type] = {"concerto": ConcertoConfig, "cvqvae": CVQVAEConfig}
+
+
+def config_to_dict(config: ModelConfig) -> dict[str, Any]:
+    """JSON-able dict of a config (tuples become lists)."""
+    out = dataclasses.asdict(config)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def config_from_dict(data: dict[str, Any]) -> ModelConfig:
+    """Inverse of :func:`config_to_dict`; unknown keys are an error (a typo must not pass silently)."""
+    kind = data.get("model")
+    if kind not in _CLASSES:
+        raise ValueError(f"unknown model {kind!r}; expected one of {sorted(_CLASSES)}")
+    cls = _CLASSES[kind]
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(names)
+    if unknown:
+        raise ValueError(f"unknown {kind} config keys: {sorted(unknown)}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _check_modalities(modalities: tuple[str, ...], vocab_sizes: dict[str, int]) -> None:
+    for m in modalities:
+        if m not in MODALITY_NAMES:
+            raise ValueError(f"unknown modality {m!r}; expected one of {MODALITY_NAMES}")
+        if m not in vocab_sizes:
+            raise ValueError(f"no vocabulary size for modality {m!r} (got {sorted(vocab_sizes)})")
+
+
+def build_model(config: ModelConfig, vocab_sizes: dict[str, int], n_domains: int) -> nn.Module:
+    """Build the model a config describes.
+
+    ``vocab_sizes`` maps each modality to its vocabulary size (largest feature id + 1);
+    ``n_domains`` is the number of domains (batches/donors) in the build's domain list.
+    A CVQVAE with ``input_view="pca_lsi"`` still needs ``model.fit_views(...)`` before training.
+    """
+    if isinstance(config, dict):
+        config = config_from_dict(config)
+    _check_modalities(tuple(config.modalities), vocab_sizes)
+    if isinstance(config, ConcertoConfig):
+        from atlas.models.concerto import Concerto
+
+        return Concerto(config, vocab_sizes, n_domains)
+    if isinstance(config, CVQVAEConfig):
+        if len(config.modalities) != 2:
+            raise ValueError(f"CVQVAE needs exactly two modalities, got {config.modalities}")
+        from atlas.models.cvqvae import CVQVAE
+
+        return CVQVAE(config, vocab_sizes, n_domains)
+    raise TypeError(f"not a model config: {type(config).__name__}")
+
+
+__all__ = [
+    "ConcertoConfig",
+    "CVQVAEConfig",
+    "ModelConfig",
+    "build_model",
+    "config_from_dict",
+    "config_to_dict",
+]
