@@ -174,10 +174,10 @@ def info(
         mods = ", ".join(f"{k} {v}" for k, v in d["modalities"].items())
         ds_table.add_row(d["dataset_id"], str(d["cells"]), mods, str(d["species"]), str(d["ingested_at"]))
     console.print(ds_table)
-    v_table = Table("version", "committed", "dataset", "cells", title="versions")
+    v_table = Table("version", "committed", "change", "cells", title="versions")
     for v in summary["versions"]:
         v_table.add_row(f"{v['version']}{' (current)' if v['current'] else ''}", str(v["committed_at"]),
-                        str(v["dataset_id"]), str(v["cells"]))
+                        v["change"], str(v["cells"]))
     console.print(v_table)
 
 

@@ -69,6 +69,9 @@ def store_info(store: str | os.PathLike, version: int | None = None) -> dict[str
                 "name": v["name"],
                 "committed_at": _iso(v.get("committed_at")),
                 "dataset_id": v.get("dataset_id"),
+                # What the version added: a dataset (ingest) or an embedding written by a build.
+                "change": (f"embedding {v['modality']}.obsm['{v['embedding']}']" if v.get("action") == "embedding"
+                           else f"ingest {v.get('dataset_id')}"),
                 "cells": v.get("cells"),
                 "current": v["version"] == record["current"],
             }
