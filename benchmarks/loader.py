@@ -88,8 +88,9 @@ def run_peer(store: str, batch_size: int, epochs: int, modality: str, workers: i
     results = []
     with tiledbsoma.Experiment.open(resolve_uri(store)) as exp:
         with exp.axis_query(measurement_name=modality) as query:
+            # Sparse X cannot cross DataLoader worker processes (torch refuses): dense with workers.
             ds = ExperimentDataset(query, layer_name="counts", batch_size=batch_size, shuffle=True,
-                                   seed=0, return_sparse_X=True)
+                                   seed=0, return_sparse_X=workers == 0)
             loader = experiment_dataloader(ds, num_workers=workers)
             for epoch in range(epochs):
                 ds.set_epoch(epoch)
@@ -115,7 +116,8 @@ def _tree_pss(proc) -> int:
 
 
 def measure(args: list[str]) -> dict:
-    """Run one loader in a subprocess; sample its process tree's PSS every 0.2 s."""
+    """Run one loader in a subprocess; sample its process tree's PSS every 0.5 s (reading smaps
+    costs CPU, more for Ray's many processes, so the sampling is kept sparse)."""
     import psutil
 
     proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
@@ -127,7 +129,7 @@ def measure(args: list[str]) -> dict:
         nonlocal peak
         while not done.is_set():
             peak = max(peak, _tree_pss(ps))
-            time.sleep(0.2)
+            time.sleep(0.5)
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
@@ -145,7 +147,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "out")
     parser.add_argument("--wt-cells", type=int, default=200_000)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--epochs", type=int, default=2, help="epoch 0 includes start-up; the table reports the last")
+    parser.add_argument("--epochs", type=int, default=3,
+                        help="the first epochs include start-up (Ray workers, numba); the table reports the last")
+    parser.add_argument("--only", help="run only datasets whose name contains this")
     parser.add_argument("--run", choices=["ours", "peer"], help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
     parser.add_argument("--modality", default="RNA", help=argparse.SUPPRESS)
@@ -163,6 +167,8 @@ def main() -> None:
     stores = prepare_stores(args.out, args.wt_cells)
     rows = []
     for name, store in stores.items():
+        if args.only and args.only not in name:
+            continue
         modality = "protein" if "adt" in name else "RNA"
         common = ["--store", str(store), "--batch-size", str(args.batch_size), "--epochs", str(args.epochs),
                   "--modality", modality]
@@ -177,7 +183,7 @@ def main() -> None:
                          "peak_pss_mb": result["peak_pss_mb"]})
             print(json.dumps(rows[-1]), flush=True)
     (args.out / "loader.json").write_text(json.dumps(rows, indent=2))
-    lines = ["| dataset | loader | cells/epoch | shuffled cells/s (warm epoch) | first epoch cells/s | peak memory (PSS, MiB) |",
+    lines = ["| dataset | loader | cells/epoch | shuffled cells/s (last epoch) | first epoch cells/s | peak memory (PSS, MiB) |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(f"| {r['dataset']} | {r['loader']} | {r['cells']:,} | {r['cells_per_s']:,.0f} | "
