@@ -84,11 +84,15 @@ def tfidf_log1p(
     return np.log1p(tf * idf[indices].astype(np.float32) * np.float32(scale_factor))
 
 
-def fit_idf(csr: sp.csr_matrix, n_features: int | None = None) -> np.ndarray:
+def idf_from_counts(n_cells: int, cells_with_feature: np.ndarray) -> np.ndarray:
     """Inverse document frequency per feature: ``n_cells / (1 + cells containing it)``."""
+    return (n_cells / (1.0 + np.asarray(cells_with_feature))).astype(np.float32)
+
+
+def fit_idf(csr: sp.csr_matrix, n_features: int | None = None) -> np.ndarray:
+    """Inverse document frequency per feature of an in-memory count matrix."""
     n_features = csr.shape[1] if n_features is None else n_features
-    present = np.bincount(csr.indices, minlength=n_features)[:n_features]
-    return (csr.shape[0] / (1.0 + present)).astype(np.float32)
+    return idf_from_counts(csr.shape[0], np.bincount(csr.indices, minlength=n_features)[:n_features])
 
 
 def top_k_per_row(

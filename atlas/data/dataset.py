@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +25,7 @@ from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 from ray.data.collate_fn import ArrowBatchCollateFn
 
-from atlas.data.batches import fit_idf
+from atlas.data.batches import idf_from_counts
 from atlas.data.collate import table_to_batch
 from atlas.data.plan import ReadPlan, plan_blocks
 from atlas.data.reader import open_experiment, output_schema, read_block, read_csr
@@ -118,7 +118,7 @@ def fit_store_idf(uri: str, modality: str, joinids: np.ndarray, chunk: int = 163
     for start in range(0, joinids.size, chunk):
         csr = read_csr(uri, modality, np.sort(joinids[start : start + chunk]))
         present += np.bincount(csr.indices, minlength=n_features)
-    return (joinids.size / (1.0 + present)).astype(np.float32)
+    return idf_from_counts(joinids.size, present)
 
 
 def build_plan(
@@ -185,8 +185,6 @@ class SomaCellsDatasource(Datasource):
         return None
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list[ReadTask]:
-        from dataclasses import replace
-
         schema = output_schema(self._plan.modalities)
         blocks = list(self._plan.blocks)
         if self._plan.shuffle:

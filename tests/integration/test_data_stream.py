@@ -119,3 +119,29 @@ def test_each_cell_exactly_once_per_epoch_across_two_train_workers(mop_store, ra
         assert all(len(ids) > 0 for ids in per_rank), "a worker got no cells"
         everything = per_rank[0] + per_rank[1]
         assert len(everything) == len(set(everything)) == 10_309
+
+
+def test_tfidf_is_fitted_on_the_store_and_matches_the_formula(mop_store, dataset):
+    from atlas.data.batches import fit_idf, tfidf_log1p
+    from atlas.data.reader import read_block
+
+    config = StreamConfig(modalities=("ATAC",), batch_size=256, block_size=2048, shuffle=False,
+                          normalization={"ATAC": "tfidf"})
+    plan = build_plan(mop_store, config)
+    exp = open_experiment(plan.uri)
+    vocab = exp.ms["ATAC"].var.read(column_names=["soma_joinid", "var_id"]).concat().to_pandas()
+    vocab = vocab.sort_values("soma_joinid")["var_id"].tolist()
+    source = ad.read_h5ad(dataset(MOP_ATAC))[:, vocab]
+    counts = sp.csr_matrix(source.X, dtype=np.float32)
+    np.testing.assert_allclose(plan.idf["ATAC"], fit_idf(counts), rtol=1e-6)  # streamed == in memory
+
+    block = plan.blocks[0]
+    table = next(read_block(plan, block))
+    obs = exp.obs.read(column_names=["soma_joinid", "cell_id"]).concat().to_pandas().set_index("soma_joinid")
+    cells = obs.loc[table.column("soma_joinid").to_numpy(), "cell_id"].tolist()
+    expected = sp.csr_matrix(source[cells].X, dtype=np.float32)
+    expected.data = tfidf_log1p(expected.indptr, expected.indices, expected.data, plan.idf["ATAC"])
+    from atlas.data.collate import table_to_batch
+
+    batch = table_to_batch(table, ("ATAC",))
+    np.testing.assert_allclose(_dense_rows(batch, "ATAC", len(vocab)), expected.toarray(), rtol=1e-5, atol=1e-6)
