@@ -1,0 +1,208 @@
+"""Mapping library: the weighted vote, and a tiny end-to-end map onto a Ray-free artifact."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from atlas.mapping import MappingError, map_query, mean_profile, weighted_vote
+
+PBMC = "pbmc10k_10x_cite_totalvi_rna4000hvg_adt14_labelled.h5ad"
+LEVELS = ["cell_type_l1", "cell_type_l2"]
+
+
+# -- weighted_vote / mean_profile ---------------------------------------------------------------
+
+
+def test_vote_weights_by_similarity():
+    labels = np.array([["A", "B", "B"], ["A", "A", "B"]])
+    sims = np.array([[0.9, 0.3, 0.3], [0.5, 0.5, 0.5]])
+    pred, conf = weighted_vote(labels, sims)
+    assert pred.tolist() == ["A", "A"]  # 0.9 beats 0.6 despite fewer votes
+    np.testing.assert_allclose(conf, [0.9 / 1.5, 2 / 3], rtol=1e-6)
+
+
+def test_vote_negative_similarity_clipped_and_all_nonpositive_counts_equally():
+    pred, conf = weighted_vote(np.array([["A", "B", "B"]]), np.array([[0.4, -0.9, -0.9]]))
+    assert pred.tolist() == ["A"] and conf[0] == pytest.approx(1.0)
+    pred, conf = weighted_vote(np.array([["A", "B", "B"]]), np.array([[-0.1, -0.2, -0.3]]))
+    assert pred.tolist() == ["B"] and conf[0] == pytest.approx(2 / 3)
+
+
+def test_vote_ties_go_to_most_similar_neighbour_then_sorted_label():
+    pred, conf = weighted_vote(np.array([["B", "A", "A", "B"]]), np.array([[0.5, 0.4, 0.1, 0.0]]))
+    assert pred.tolist() == ["B"]  # 0.5 vs 0.5: B holds the nearest neighbour
+    assert conf[0] == pytest.approx(0.5)
+    pred, _ = weighted_vote(np.array([["B", "A"]]), np.array([[0.5, 0.5]]))
+    assert pred.tolist() == ["A"]  # full tie: first in sorted order
+
+
+def test_vote_ignores_empty_labels_and_missing_hits():
+    labels = np.array([["", "B", "A"], ["", "", ""], ["A", "B", "B"]])
+    sims = np.array([[0.99, 0.5, 0.4], [0.9, 0.8, 0.7], [0.3, -np.inf, 0.2]])
+    pos = np.array([[0, 1, 2], [3, 4, 5], [6, -1, 7]])
+    pred, conf = weighted_vote(labels, sims, positions=pos)
+    assert pred.tolist() == ["B", "", "A"]
+    np.testing.assert_allclose(conf, [0.5 / 0.9, 0.0, 0.3 / 0.5], rtol=1e-6)
+    assert ((conf >= 0) & (conf <= 1)).all()
+
+
+def test_mean_profile_skips_missing_hits_and_unmeasured_rows():
+    values = np.array([[1.0, 2.0], [3.0, 4.0], [np.nan, np.nan]], np.float32)
+    pos = np.array([[0, 1], [2, -1], [1, 2]])
+    out = mean_profile(values, pos)
+    np.testing.assert_allclose(out[0], [2.0, 3.0])
+    assert np.isnan(out[1]).all()
+    np.testing.assert_allclose(out[2], [3.0, 4.0])
+    csr = mean_profile(sp.csr_matrix(np.nan_to_num(values)), np.array([[0, 1], [1, -1]]))
+    np.testing.assert_allclose(csr, [[2.0, 3.0], [3.0, 4.0]])
+
+
+# -- end to end on a tiny Ray-free artifact -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_atlas(dataset, tmp_path_factory):
+    """1,000 PBMC cells: 800 reference (1 epoch of a 32-d Concerto), 200 held out as the query."""
+    import anndata as ad
+    import torch
+
+    from atlas.artifact import load_atlas, write_manifest
+    from atlas.data.batches import csr_to_batch, normalize_log1p
+    from atlas.index.shards import build_hierarchy
+    from atlas.models.config import ConcertoConfig, build_model, config_to_dict
+    from atlas.train.step import fit_local, minibatches
+
+    t0 = time.perf_counter()
+    full = ad.read_h5ad(dataset(PBMC))
+    rng = np.random.default_rng(0)
+    cells = np.sort(rng.choice(full.n_obs, 1000, replace=False))
+    data = full[cells].copy()
+    ref, query = data[:800].copy(), data[800:].copy()
+    rna = sp.csr_matrix(ref.X, dtype=np.float32)
+    protein = ref.obsm["protein_counts"]
+    prot_csr = sp.csr_matrix(protein.to_numpy(np.float32))
+    prot_norm = prot_csr.copy()
+    prot_norm.data = normalize_log1p(prot_norm.indptr, prot_norm.data)
+
+    torch.manual_seed(0)
+    config = ConcertoConfig(modalities=("RNA",), embed_dim=32)
+    vocab_sizes = {"RNA": ref.n_vars}
+    domain_names = sorted(ref.obs["batch"].unique())
+    model = build_model(config, vocab_sizes, len(domain_names))
+    domain = np.array(pd.Categorical(ref.obs["batch"], categories=domain_names).codes, dtype=np.int64)
+    batch = csr_to_batch({"RNA": rna}, domain=domain)
+    fit_local(model, minibatches(batch, 128), epochs=1, lr=1e-3)
+    model.eval()
+    with torch.no_grad():
+        emb = model.embed(batch).numpy()
+
+    art = tmp_path_factory.mktemp("atlas")
+    build_hierarchy(
+        emb, np.arange(800), {lv: ref.obs[lv].to_numpy() for lv in LEVELS}, LEVELS,
+        {"protein": (list(protein.columns), prot_norm.toarray())}, np.full(800, "pbmc10k"),
+        use_gpu=False, out_dir=art / "shards",
+    )
+    torch.save(model.state_dict(), art / "model.pt")
+    write_manifest(
+        art, build_config={"data": {"normalization": {}}},
+        model={"config": config_to_dict(config), "vocab_sizes": vocab_sizes,
+               "n_domains": len(domain_names), "domain_names": domain_names},
+        vocabulary={"RNA": list(ref.var_names), "protein": list(protein.columns)},
+        store={"uri": "memory://test", "version": None, "committed_at": None}, metrics={},
+    )
+    del query.obsm["protein_counts"]
+    assert time.perf_counter() - t0 < 60
+    return load_atlas(art), query, list(protein.columns)
+
+
+@pytest.mark.real_data
+def test_map_query_hierarchical(tiny_atlas):
+    atlas, query, proteins = tiny_atlas
+    out = map_query(query, atlas, return_neighbors=True)
+    assert list(out.obs_names) == list(query.obs_names)
+    for lv in LEVELS:
+        for col in (f"{lv}_pred", f"{lv}_confidence", f"{lv}_unknown"):
+            assert col in out.obs
+        conf = out.obs[f"{lv}_confidence"].to_numpy()
+        assert ((conf >= 0) & (conf <= 1)).all()
+        assert not out.obs[f"{lv}_unknown"].all()
+    # Level-2 predictions agree with the level-1 group they were searched in.
+    shard = atlas.shard("coarse")
+    parent_of = dict(zip(shard.labels["cell_type_l2"], shard.labels["cell_type_l1"]))
+    for l1, l2 in zip(out.obs["cell_type_l1_pred"], out.obs["cell_type_l2_pred"]):
+        assert l2 == "unknown" or parent_of[l2] == l1
+    # Better than chance after one epoch: the embedding carries the cell types.
+    agree = (out.obs["cell_type_l1_pred"].to_numpy() == query.obs["cell_type_l1"].astype(str).to_numpy()).mean()
+    assert agree > 0.5
+    assert out.obsm["X_atlas"].shape == (query.n_obs, 32)
+    pred = out.obsm["protein_pred"]
+    assert isinstance(pred, pd.DataFrame) and list(pred.columns) == proteins
+    assert np.isfinite(pred.to_numpy()).all()
+    assert out.obsm["atlas_neighbors_soma_joinid"].shape == (query.n_obs, 25)
+    assert out.uns["atlas_neighbors"]["dataset_id"].shape == (query.n_obs, 25)
+    assert out.uns["atlas"]["alignment"]["RNA"]["fraction"] == 1.0
+
+
+@pytest.mark.real_data
+def test_map_query_thresholds_flag_unknown(tiny_atlas):
+    atlas, query, _ = tiny_atlas
+    out = map_query(query[:50].copy(), atlas, thresholds=1.01)
+    for lv in LEVELS:
+        assert out.obs[f"{lv}_unknown"].all()
+        assert (out.obs[f"{lv}_pred"] == "unknown").all()
+    out = map_query(query[:50].copy(), atlas, thresholds={"cell_type_l2": 1.01}, predict=[])
+    assert out.obs["cell_type_l2_unknown"].all() and not out.obs["cell_type_l1_unknown"].all()
+    assert "protein_pred" not in out.obsm
+
+
+@pytest.mark.real_data
+def test_map_query_refuses_poor_gene_overlap(tiny_atlas):
+    atlas, query, _ = tiny_atlas
+    few = query[:20, : query.n_vars // 10].copy()
+    with pytest.raises(MappingError, match=r"10\.0% < 50% required"):
+        map_query(few, atlas)
+
+
+@pytest.mark.real_data
+def test_map_query_refuses_normalised_values_and_other_species(tiny_atlas):
+    atlas, query, _ = tiny_atlas
+    logged = query[:20].copy()
+    logged.X = np.log1p(logged.X)
+    with pytest.raises(MappingError, match="not raw counts"):
+        map_query(logged, atlas)
+    mouse = query[:20].copy()
+    mouse.var_names = [v[:1] + v[1:].lower() for v in mouse.var_names]
+    with pytest.raises(MappingError, match="look mouse but atlas .* is human"):
+        map_query(mouse, atlas)
+
+
+@pytest.mark.real_data
+def test_map_query_hash_layout_flat_vote(tiny_atlas, tmp_path):
+    """A hash-sharded atlas (no hierarchy): every level voted from neighbours merged over shards."""
+    import shutil
+
+    from atlas.artifact import load_atlas, write_manifest
+    from atlas.index.shards import build_hierarchy
+
+    atlas, query, proteins = tiny_atlas
+    coarse = atlas.shard("coarse")
+    emb = coarse.index.reconstruct_n(0, coarse.n_cells)
+    build_hierarchy(emb, coarse.soma_joinid, coarse.labels, None,
+                    {"protein": coarse.profiles["protein"]}, coarse.dataset_id,
+                    use_gpu=False, n_hash_shards=3, out_dir=tmp_path / "shards")
+    shutil.copy(atlas.path / "model.pt", tmp_path / "model.pt")
+    m = atlas.manifest
+    write_manifest(tmp_path, build_config=m["build_config"], model=m["model"], vocabulary=atlas.vocabulary,
+                   store=m["store"], metrics={})
+    flat = map_query(query[:40].copy(), load_atlas(tmp_path), k_coarse=10)
+    tree = map_query(query[:40].copy(), atlas, k_coarse=10)
+    # Same reference cells, same k: the merged flat level-1 vote equals the coarse vote.
+    assert (flat.obs["cell_type_l1_pred"] == tree.obs["cell_type_l1_pred"]).all()
+    assert "cell_type_l2_pred" in flat.obs
+    np.testing.assert_allclose(flat.obsm["protein_pred"].to_numpy(), tree.obsm["protein_pred"].to_numpy(), rtol=1e-5)
+    assert list(flat.obsm["protein_pred"].columns) == proteins
