@@ -99,6 +99,8 @@ def ingest(
     batch_key: Annotated[str | None, typer.Option(help="obs column with each cell's batch.")] = None,
     label_key: Annotated[list[str] | None, typer.Option(
         help="A label level: LEVEL=COLUMN (e.g. cell_type_l1=coarse_cluster); repeat for more levels.")] = None,
+    unlabeled: Annotated[list[str] | None, typer.Option(
+        help="A label value meaning 'no label' (e.g. undefined); stored as missing. Repeatable.")] = None,
     species: Annotated[str | None, typer.Option(help="human or mouse (default: inferred from gene ids).")] = None,
     allow_normalized: Annotated[bool, typer.Option(
         "--allow-normalized", help="Accept non-integer/negative values (the store expects raw counts).")] = False,
@@ -124,6 +126,7 @@ def ingest(
         dataset_id=dataset_id,
         batch_key=batch_key,
         label_keys=parse_pairs(label_key, "--label-key", "LEVEL=COLUMN, e.g. cell_type_l1=cell_type"),
+        unlabeled=tuple(unlabeled or ()),
         species=species,
         allow_normalized=allow_normalized,
         drop_empty_cells=not refuse_empty_cells,

@@ -54,6 +54,7 @@ def run_demo(out: Path, *, epochs: int = 2, num_workers: int = 2) -> Path:
         store, adata[reference].copy(), dataset_id="pbmc10k_reference",
         obsm_modalities={"protein": "protein_counts"},
         label_keys={"cell_type_l1": "cell_type_l1", "cell_type_l2": "cell_type_l2"},
+        unlabeled=("undefined",),  # cells the manual gating left unlabelled are not a cell type
         species="human", progress=True,
     )
     print(f"   {summary.cells_ingested:,} cells; features {summary.features}; store version {summary.version}")

@@ -134,6 +134,7 @@ def ingest(
     dataset_id: str | None = None,
     batch_key: str | None = None,
     label_keys: dict[str, str] | None = None,
+    unlabeled: tuple[str, ...] | list[str] = (),
     species: str | None = None,
     allow_normalized: bool = False,
     drop_empty_cells: bool = True,
@@ -155,6 +156,8 @@ def ingest(
         dataset_id: the dataset's name in the store (default: the file name without suffix).
         batch_key: obs column with the batch of each cell (default: the dataset is one batch).
         label_keys: label level → obs column, e.g. ``{"cell_type_l1": "coarse_cluster"}``.
+        unlabeled: label values that mean "no label" in this source (e.g. ``"undefined"`` for
+            cells that were not gated); they are stored as missing (""), not as a class.
         species: ``human`` or ``mouse``; inferred from gene ids when not given.
         allow_normalized: accept non-integer / negative values (NaN/inf are always refused).
         drop_empty_cells: drop cells with no counts in any modality (False: refuse them).
@@ -228,7 +231,7 @@ def ingest(
                 check_counts(part.scan, m.origin, allow_normalized=allow_normalized)
         keep = _cells_to_keep(src, parts, drop_empty_cells, say)
 
-        obs = _obs_table(src, keep, dataset_id, batch, label_keys, state)
+        obs = _obs_table(src, keep, dataset_id, batch, label_keys, state, tuple(unlabeled))
         new_levels = [lv for lv in label_keys if lv not in state.label_levels]
         if state.exists and new_levels:
             say(f"new label level(s) {new_levels}: the store's earlier cells get '' (no label) for them")
@@ -341,7 +344,7 @@ def _cells_to_keep(src: Source, parts: list[_Part], drop_empty: bool, say: Calla
 
 
 def _obs_table(src: Source, keep: np.ndarray, dataset_id: str, batch: np.ndarray,
-               label_keys: dict[str, str], state: _StoreState) -> pd.DataFrame:
+               label_keys: dict[str, str], state: _StoreState, unlabeled: tuple[str, ...] = ()) -> pd.DataFrame:
     cell_ids = src.obs.index[keep].astype(str).to_numpy(dtype=object)
     obs_ids = np.array([f"{dataset_id}:{c}" for c in cell_ids], dtype=object)
     columns: dict[str, np.ndarray] = {
@@ -353,7 +356,10 @@ def _obs_table(src: Source, keep: np.ndarray, dataset_id: str, batch: np.ndarray
     levels = state.label_levels + [lv for lv in label_keys if lv not in state.label_levels]
     for level in levels:
         if level in label_keys:
-            columns[level] = as_strings(src.obs[label_keys[level]])[keep]
+            values = as_strings(src.obs[label_keys[level]])[keep]
+            if unlabeled:
+                values = np.where(np.isin(values, list(unlabeled)), "", values).astype(object)
+            columns[level] = values
         else:
             columns[level] = np.full(len(cell_ids), "", dtype=object)  # this dataset has no such label
     obs = pd.DataFrame(columns, index=pd.Index(obs_ids))

@@ -372,3 +372,17 @@ def test_in_memory_anndata_with_dask_x(tmp_path, shared_data):
     summary = ingest(tmp_path / "s", lazy, dataset_id="lazy", chunk_size=100)
     assert summary.cells_ingested == 300
     assert_round_trip(tmp_path / "s", "lazy", "RNA", a.obs_names, a.var_names, sp.csr_matrix(dense))
+
+
+@pytest.mark.real_data
+def test_unlabeled_values_are_stored_as_missing_not_as_a_class(dataset, tmp_path):
+    source = ad.read_h5ad(dataset("pbmc10k_10x_cite_totalvi_rna4000hvg_adt14_labelled.h5ad"))[:1500].copy()
+    assert (source.obs["cell_type_l1"].astype(str) == "undefined").any()
+    store = tmp_path / "store"
+    ingest(store, source, dataset_id="pbmc", species="human", unlabeled=("undefined",),
+           label_keys={"cell_type_l1": "cell_type_l1", "cell_type_l2": "cell_type_l2"})
+    with soma.Experiment.open(store_info(store)["uri"]) as exp:
+        obs = exp.obs.read(column_names=["cell_id", "cell_type_l1", "cell_type_l2"]).concat().to_pandas()
+    expected = source.obs["cell_type_l1"].astype(str).replace({"undefined": ""})
+    assert obs.set_index("cell_id")["cell_type_l1"].loc[source.obs_names].tolist() == expected.tolist()
+    assert not (obs[["cell_type_l1", "cell_type_l2"]] == "undefined").any().any()
