@@ -25,6 +25,7 @@ import scipy.sparse as sp
 import torch
 
 from atlas.artifact import write_manifest
+from atlas.data.collate import list_column_csr
 from atlas.data.dataset import build_plan, make_dataset, vocabulary_sizes
 from atlas.data.plan import ReadPlan
 from atlas.data.reader import open_experiment
@@ -99,12 +100,12 @@ def _profiles(build: BuildConfig, uri: str, joinids: np.ndarray, domain_names) -
         position = pd.Series(np.arange(joinids.size), index=joinids)
         rows, cols, vals = [], [], []
         for table in make_dataset(plan).iter_batches(batch_size=None, batch_format="pyarrow"):
-            ids_col, val_col = table.column(f"{m}_ids").combine_chunks(), table.column(f"{m}_values").combine_chunks()
-            lengths = np.diff(ids_col.offsets.to_numpy())
+            indptr, ids = list_column_csr(table.column(f"{m}_ids"))
+            _, values = list_column_csr(table.column(f"{m}_values"))
             cell_rows = position.loc[table.column("soma_joinid").to_numpy()].to_numpy()
-            rows.append(np.repeat(cell_rows, lengths))
-            cols.append(ids_col.flatten().to_numpy())
-            vals.append(val_col.flatten().to_numpy())
+            rows.append(np.repeat(cell_rows, np.diff(indptr)))
+            cols.append(ids)
+            vals.append(values)
         n_features = len(vocab[m])
         matrix = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
                                shape=(joinids.size, n_features), dtype=np.float32)

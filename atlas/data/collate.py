@@ -9,7 +9,7 @@ import torch
 from atlas.data.batches import modality_keys, pad_rows
 
 
-def _csr_of(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+def list_column_csr(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """Offsets (starting at 0) and flat values of a list column, zero-copy where Arrow allows."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
@@ -25,8 +25,8 @@ def table_to_batch(table: pa.Table, modalities: tuple[str, ...]) -> dict[str, to
         "domain": torch.from_numpy(table.column("domain").to_numpy().astype(np.int64)),
     }
     for m in modalities:
-        indptr, indices = _csr_of(table.column(f"{m}_ids"))
-        _, values = _csr_of(table.column(f"{m}_values"))
+        indptr, indices = list_column_csr(table.column(f"{m}_ids"))
+        _, values = list_column_csr(table.column(f"{m}_values"))
         ids, vals, mask = pad_rows(indptr, indices.astype(np.int64), values)
         k_ids, k_values, k_mask = modality_keys(m)
         batch[k_ids] = torch.from_numpy(ids)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from atlas.data.batches import normalize_log1p
+from atlas.data.batches import batch_to_dense, normalize_log1p
 from atlas.data.dataset import (
     ExactlyOnceDataConfig,
     StreamConfig,
@@ -43,14 +43,6 @@ def _expected(path: Path, cells: list[str], vocabulary: list[str]) -> sp.csr_mat
     return x
 
 
-def _dense_rows(batch, modality, n_features):
-    ids, values, mask = (batch[f"{modality}_{k}"].numpy() for k in ("ids", "values", "mask"))
-    out = np.zeros((ids.shape[0], n_features), np.float32)
-    rows = np.nonzero(mask)[0]
-    out[rows, ids[mask]] = values[mask]
-    return out
-
-
 def test_one_epoch_yields_every_cell_once_with_both_modalities_joined(mop_store, dataset, ray_local):
     config = StreamConfig(modalities=("RNA", "ATAC"), batch_size=128, block_size=2048, shuffle=True)
     plan = build_plan(mop_store, config)
@@ -71,7 +63,7 @@ def test_one_epoch_yields_every_cell_once_with_both_modalities_joined(mop_store,
         vocab = vocab.sort_values("soma_joinid")["var_id"].tolist()
         assert len(vocab) == sizes[modality]
         expected = _expected(dataset(name), cells, vocab).toarray()
-        np.testing.assert_allclose(_dense_rows(batch, modality, sizes[modality]), expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(batch_to_dense(batch, modality, sizes[modality]).numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_single_domain_minibatches(mop_store, ray_local):
@@ -144,4 +136,4 @@ def test_tfidf_is_fitted_on_the_store_and_matches_the_formula(mop_store, dataset
     from atlas.data.collate import table_to_batch
 
     batch = table_to_batch(table, ("ATAC",))
-    np.testing.assert_allclose(_dense_rows(batch, "ATAC", len(vocab)), expected.toarray(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(batch_to_dense(batch, "ATAC", len(vocab)).numpy(), expected.toarray(), rtol=1e-5, atol=1e-6)
