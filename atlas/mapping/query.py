@@ -10,6 +10,12 @@ is rejected as unknown (its deeper votes are still computed), but a cell unknown
 unknown at every deeper level. A cell whose voted group has no deeper shard (no reference cell
 there carries the next level) is unknown at the deeper levels.
 
+Every stage is a separate function so the Serve app runs the same code split over deployments:
+:func:`prepare_query` (align + normalise; ingress), :func:`embed_prepared` (the frozen model;
+encoder deployment, which batches requests), :func:`assign_labels` and :func:`predict_profiles`
+(over a :class:`~atlas.mapping.search.Searcher`: local shards offline, shard deployments in
+Serve), :func:`assemble` (the contract's AnnData).
+
 Missing-modality prediction uses the coarse neighbours: the coarse shard holds every reference
 cell, so every query cell gets the same number of candidates drawn from the whole reference
 (fine shards are subsets chosen by a vote that may be wrong, and their k is small), and the
@@ -29,16 +35,18 @@ import scipy.sparse as sp
 import torch
 
 from atlas.data.batches import csr_to_batch
-from atlas.index.faiss_index import merge_topk, search
 from atlas.mapping.align import (
     MappingError,
     align_query,
     normalize_aligned,
     query_modalities,
 )
-from atlas.mapping.vote import mean_profile, weighted_vote
+from atlas.mapping.search import Hits, LocalSearcher, Searcher
+from atlas.mapping.vote import weighted_vote
 
 UNKNOWN = "unknown"
+MODELS = ("concerto", "cvqvae")
+PREDICT_METHODS = ("knn", "decoder", "both")
 
 
 def _as_atlas(atlas: Any) -> Any:
@@ -49,27 +57,30 @@ def _as_atlas(atlas: Any) -> Any:
     return atlas
 
 
-def embed_query(adata: Any, atlas: Any, *, min_fraction: float = 0.5, batch_size: int = 1024,
-                device: str = "cpu", model: Any = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Embed the query with the atlas's frozen model.
+def model_modalities(manifest: Mapping[str, Any]) -> list[str]:
+    """The modalities the atlas's model reads, in its order."""
+    config = manifest["model"]["config"]
+    if config.get("model") not in MODELS:
+        raise MappingError(f"atlas holds a {config.get('model')!r} model; mapping supports {list(MODELS)}")
+    return list(config.get("modalities", ["RNA"]))
 
-    Returns ``(embedding float32 [cells, d], has_data bool [cells], alignment reports)``.
-    Every model modality the query holds is aligned and normalised as the reference was; the
-    others enter as absent. Cells are embedded ``batch_size`` at a time (bounded memory) as an
-    unseen domain (-1: the model uses the mean of its reference domains' statistics).
+
+def prepare_query(adata: Any, atlas: Any, *, min_fraction: float = 0.5
+                  ) -> tuple[dict[str, sp.csr_matrix], np.ndarray, dict[str, Any]]:
+    """Align and normalise the query for the atlas's model.
+
+    Returns ``(aligned, has_data, reports)``: per model modality a normalised CSR over the atlas
+    vocabulary (all-empty for modalities the query lacks), which cells hold any data, and the
+    alignment report of each modality the query has.
     """
-    config = atlas.manifest["model"]["config"]
-    if config.get("model") != "concerto":
-        raise MappingError(f"mapping supports Concerto atlases; atlas {atlas.version} holds a "
-                           f"{config.get('model')!r} model")
-    model_modalities = list(config.get("modalities", ["RNA"]))
-    have = [m for m in model_modalities if m in query_modalities(adata)]
+    modalities = model_modalities(atlas.manifest)
+    have = [m for m in modalities if m in query_modalities(adata)]
     if not have:
-        raise MappingError(f"the query holds none of the modalities the atlas model uses ({model_modalities}); "
+        raise MappingError(f"the query holds none of the modalities the atlas model uses ({modalities}); "
                            "put RNA counts in adata.X or other modalities in adata.obsm as DataFrames")
     n = adata.n_obs
     aligned, reports = {}, {}
-    for m in model_modalities:
+    for m in modalities:
         if m in have:
             counts, reports[m] = align_query(adata, atlas, m, min_fraction)
             aligned[m] = normalize_aligned(counts, atlas, m)
@@ -78,10 +89,36 @@ def embed_query(adata: Any, atlas: Any, *, min_fraction: float = 0.5, batch_size
     has_data = np.zeros(n, dtype=bool)
     for m in have:
         has_data |= np.diff(aligned[m].indptr) > 0
-    max_features = (atlas.manifest.get("build_config", {}).get("data", {}) or {}).get("max_features")
+    return aligned, has_data, reports
 
-    model = model if model is not None else atlas.model(device)
-    chunks = []
+
+def decodable(manifest: Mapping[str, Any], have: Sequence[str]) -> dict[str, str]:
+    """Modalities a CVQVAE decoder can predict from what the query has: ``{target: source}``."""
+    config = manifest["model"]["config"]
+    if config.get("model") != "cvqvae":
+        return {}
+    a, b = list(config["modalities"])
+    out = {}
+    if a in have and b not in have:
+        out[b] = a
+    if b in have and a not in have:
+        out[a] = b
+    return out
+
+
+def embed_prepared(aligned: Mapping[str, sp.csr_matrix], model: Any, *, max_features: int | None = None,
+                   batch_size: int = 1024, device: str = "cpu", decode: Mapping[str, str] | None = None
+                   ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Embed prepared cells with the frozen model, ``batch_size`` cells at a time (bounded memory).
+
+    Cells enter as an unseen domain (-1: Concerto uses the mean of its reference domains'
+    statistics). ``decode`` (``{target: source}``, CVQVAE only) also returns the decoder's
+    cross-modal prediction of each target over its vocabulary (log-normalised scale).
+    """
+    n = next(iter(aligned.values())).shape[0]
+    decode = dict(decode or {})
+    chunks: list[np.ndarray] = []
+    decoded: dict[str, list[np.ndarray]] = {m: [] for m in decode}
     with torch.no_grad():
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
@@ -90,36 +127,25 @@ def embed_query(adata: Any, atlas: Any, *, min_fraction: float = 0.5, batch_size
                                  max_features=max_features)
             batch = {k: v.to(device) for k, v in batch.items()}
             chunks.append(model.embed(batch).float().cpu().numpy())
-    d = int(config.get("embed_dim", 0))
-    emb = np.concatenate(chunks) if chunks else np.zeros((0, d), np.float32)
-    return emb.astype(np.float32), has_data, reports
+            for target, source in decode.items():
+                decoded[target].append(model.predict_other(batch, source)["features"].float().cpu().numpy())
+    dim = model.config.embed_dim if hasattr(model.config, "embed_dim") else model.config.latent_dim
+    emb = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
+    return emb.astype(np.float32), {m: np.concatenate(v).astype(np.float32) for m, v in decoded.items() if v}
 
 
-def search_node(atlas: Any, shard_names: Sequence[str], queries: np.ndarray, k: int,
-                **shard_kwargs: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Any]]:
-    """Search one layout node (one or several shards, merged).
-
-    Returns ``(similarities [m, k'], positions [m, k'], shard_number [m, k'], shards)``;
-    positions are rows of ``shards[shard_number]`` (-1 for a missing hit).
-    """
-    shards = [atlas.shard(name, **shard_kwargs) for name in shard_names]
-    results = [search(s.index, queries, k) for s in shards]
-    if len(results) == 1:
-        sims, pos = results[0]
-        return sims, pos, np.zeros(pos.shape, np.int64), shards
-    sims, pos, src = merge_topk(results, k)
-    return sims, pos, src, shards
+def max_features_of(manifest: Mapping[str, Any]) -> int | None:
+    return (manifest.get("build_config", {}).get("data", {}) or {}).get("max_features")
 
 
-def gather(shards: list[Any], pos: np.ndarray, src: np.ndarray, get: Any, fill: Any) -> np.ndarray:
-    """``get(shard)[pos]`` for hits spread over ``shards`` (``fill`` where pos = -1)."""
-    first = get(shards[0])
-    out = np.full(pos.shape, fill, dtype=first.dtype if first.dtype.kind != "U" else object)
-    for i, shard in enumerate(shards):
-        hit = (src == i) & (pos >= 0)
-        if hit.any():
-            out[hit] = get(shard)[pos[hit]]
-    return out.astype(str) if first.dtype.kind == "U" else out
+def embed_query(adata: Any, atlas: Any, *, min_fraction: float = 0.5, batch_size: int = 1024,
+                device: str = "cpu", model: Any = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """``(embedding float32 [cells, d], has_data bool [cells], alignment reports)`` of the query."""
+    aligned, has_data, reports = prepare_query(adata, atlas, min_fraction=min_fraction)
+    model = model if model is not None else atlas.model(device)
+    emb, _ = embed_prepared(aligned, model, max_features=max_features_of(atlas.manifest),
+                            batch_size=batch_size, device=device)
+    return emb, has_data, reports
 
 
 def _threshold(thresholds: float | Mapping[str, float] | None, level: str) -> float | None:
@@ -131,6 +157,130 @@ def _threshold(thresholds: float | Mapping[str, float] | None, level: str) -> fl
     return float(thresholds)
 
 
+def available_levels(layout: Any, root_labels: Sequence[str]) -> list[str]:
+    """Label levels an atlas can map: the hierarchy's, or (hash layout) the root shard's."""
+    return list(layout.levels) if layout.mode == "hierarchy" else list(root_labels)
+
+
+def resolve_thresholds(thresholds: Any, manifest: Mapping[str, Any], levels: Sequence[str]
+                       ) -> float | dict[str, float] | None:
+    """``"calibrated"`` → the build's per-level thresholds (none recorded: no rejection)."""
+    if isinstance(thresholds, str):
+        if thresholds != "calibrated":
+            raise MappingError(f"thresholds must be 'calibrated', a number, a dict per level or None; got {thresholds!r}")
+        calibrated = (manifest.get("mapping") or {}).get("thresholds") or {}
+        return {lv: float(v) for lv, v in calibrated.items() if v is not None}
+    if isinstance(thresholds, Mapping):
+        extra = sorted(set(thresholds) - set(levels))
+        if extra:
+            raise MappingError(f"thresholds name unknown level(s) {extra}; levels are {list(levels)}")
+        return {str(k): float(v) for k, v in thresholds.items()}
+    return None if thresholds is None else float(thresholds)
+
+
+def assign_labels(emb: np.ndarray, has_data: np.ndarray, searcher: Searcher, layout: Any,
+                  levels: Sequence[str], *, k_coarse: int = 25, k_fine: int = 5,
+                  thresholds: float | Mapping[str, float] | None = None,
+                  exclude: np.ndarray | None = None) -> tuple[pd.DataFrame, Hits]:
+    """Vote every level of ``levels`` (coarse → fine in a hierarchy; flat for hash layouts).
+
+    Returns the obs columns (``{level}_pred``, ``_confidence``, ``_unknown``; default index)
+    and the coarse hits (profiles and reported neighbours use them). ``exclude``: leave-one-out
+    (each query is a reference cell whose own ``soma_joinid`` is skipped).
+    """
+    n = emb.shape[0]
+    root = layout.root
+    obs = pd.DataFrame(index=pd.RangeIndex(n))
+    coarse = searcher.search(root.shards, emb, k_coarse, exclude=exclude)
+
+    def decide(level: str, pred: np.ndarray, conf: np.ndarray, rejected: np.ndarray) -> np.ndarray:
+        threshold = _threshold(thresholds, level)
+        rejected = rejected | (pred == "") | ~has_data
+        if threshold is not None:
+            rejected = rejected | (conf < threshold)
+        obs[f"{level}_pred"] = np.where(rejected, UNKNOWN, pred).astype(str)
+        obs[f"{level}_confidence"] = conf.astype(np.float32)
+        obs[f"{level}_unknown"] = rejected
+        return rejected
+
+    if layout.mode != "hierarchy":  # hash layout: every level voted from the same neighbours
+        for level in levels:
+            pred, conf = weighted_vote(coarse.labels[level], coarse.similarity, positions=coarse.position)
+            decide(level, pred, conf, np.zeros(n, bool))
+        return obs, coarse
+
+    depth_levels = list(layout.levels[: max((layout.levels.index(lv) for lv in levels), default=-1) + 1])
+    node_of = np.full(n, root.name, dtype=object)
+    parent_unknown = np.zeros(n, dtype=bool)
+    for depth, level in enumerate(depth_levels):
+        pred = np.full(n, "", dtype=object)
+        conf = np.zeros(n, np.float32)
+        routed = node_of != None  # noqa: E711
+        for node_name in pd.unique(node_of[routed]):
+            rows = np.flatnonzero(node_of == node_name)
+            if depth == 0:
+                hits = coarse
+            else:
+                node = layout.node(node_name)
+                hits = searcher.search(node.shards, emb[rows], k_fine,
+                                       exclude=None if exclude is None else exclude[rows])
+            p, c = weighted_vote(hits.labels[level], hits.similarity, positions=hits.position)
+            pred[rows], conf[rows] = p, c
+        parent_unknown = decide(level, pred.astype(str), conf, ~routed | parent_unknown)
+        if depth + 1 < len(depth_levels):
+            nxt = np.full(n, None, dtype=object)
+            for node_name in pd.unique(node_of[routed]):
+                rows = np.flatnonzero(node_of == node_name)
+                for value in pd.unique(pred[rows]):
+                    child = layout.child(node_name, value) if value else None
+                    if child is not None:
+                        nxt[rows[pred[rows] == value]] = child.name
+            node_of = nxt
+    drop = [c for lv in depth_levels if lv not in levels for c in (f"{lv}_pred", f"{lv}_confidence", f"{lv}_unknown")]
+    return obs.drop(columns=drop), coarse
+
+
+def predict_profiles(coarse: Hits, searcher: Searcher, modalities: Sequence[str]) -> dict[str, pd.DataFrame]:
+    """Per modality: the mean normalised profile of each query's measured coarse neighbours
+    (NaN row: none of them measured it), pooled exactly over the shards the hits lie in."""
+    n = coarse.position.shape[0]
+    out = {}
+    for m in modalities:
+        features: list[str] | None = None
+        sums = counts = None
+        for name in coarse.shard_names:
+            f, s, c = searcher.profile_sums(name, m, coarse.positions_in(name))
+            if features is None:
+                features, sums, counts = f, s, c
+            else:
+                sums, counts = sums + s, counts + c
+        values = np.full((n, len(features or [])), np.nan, np.float32)
+        has = counts > 0
+        values[has] = (sums[has] / counts[has, None]).astype(np.float32)
+        out[m] = pd.DataFrame(values, columns=features)
+    return out
+
+
+def assemble(obs_names: Any, emb: np.ndarray, labels: pd.DataFrame, profiles: Mapping[str, pd.DataFrame],
+             decoded: Mapping[str, pd.DataFrame], coarse: Hits | None, uns: dict[str, Any]) -> ad.AnnData:
+    """The contract's AnnData (see :func:`map_query`)."""
+    index = pd.Index([str(x) for x in obs_names], name=getattr(obs_names, "name", None))
+    obs = labels.set_axis(index, axis=0)
+    result = ad.AnnData(obs=obs)
+    result.obsm["X_atlas"] = emb
+    for m, frame in profiles.items():
+        result.obsm[f"{m}_pred"] = frame.set_axis(index, axis=0)
+    for m, frame in decoded.items():
+        key = f"{m}_pred_decoder" if m in profiles else f"{m}_pred"
+        result.obsm[key] = frame.set_axis(index, axis=0)
+    if coarse is not None:
+        result.obsm["atlas_neighbors_soma_joinid"] = coarse.soma_joinid
+        result.obsm["atlas_neighbors_similarity"] = coarse.similarity
+        uns = {**uns, "atlas_neighbors": {"dataset_id": coarse.dataset_id}}
+    result.uns.update(uns)
+    return result
+
+
 def map_query(
     adata: Any,
     atlas: Any,
@@ -138,23 +288,30 @@ def map_query(
     predict: Sequence[str] | None = None,
     k_coarse: int = 25,
     k_fine: int = 5,
-    thresholds: float | Mapping[str, float] | None = None,
+    thresholds: str | float | Mapping[str, float] | None = "calibrated",
     return_neighbors: bool = False,
     *,
+    predict_method: str = "knn",
     min_fraction: float = 0.5,
     batch_size: int = 1024,
     device: str = "cpu",
+    searcher: Searcher | None = None,
+    model: Any = None,
 ) -> ad.AnnData:
     """Map the query's cells onto an atlas (an :class:`~atlas.artifact.Atlas` or its folder).
 
     Returns an AnnData with the query's ``obs_names`` and no X, holding per level of ``levels``
     (default: every level of the atlas) ``obs[f"{level}_pred"]`` (``"unknown"`` when rejected),
     ``obs[f"{level}_confidence"]`` (weighted vote share in [0, 1]) and ``obs[f"{level}_unknown"]``;
-    ``obsm["X_atlas"]`` (the embedding); for each modality of ``predict`` (default: every profile
-    modality of the atlas the query lacks) ``obsm[f"{m}_pred"]``, a DataFrame with the reference
-    feature names as columns (mean of the ``k_coarse`` nearest reference cells' normalised
-    values); ``uns["atlas"]`` (version, alignment reports, parameters). ``thresholds``: a minimum
-    confidence per level (dict) or one for all levels (float); below it a cell is unknown. With
+    ``obsm["X_atlas"]`` (the embedding); for each modality of ``predict`` (default: every
+    modality the atlas can predict that the query lacks) ``obsm[f"{m}_pred"]``, a DataFrame with
+    the reference feature names as columns. ``predict_method``: ``"knn"`` (mean of the
+    ``k_coarse`` nearest reference cells' normalised values), ``"decoder"`` (CVQVAE atlases: the
+    cross-modal decoder) or ``"both"`` (kNN in ``{m}_pred``, decoder in ``{m}_pred_decoder``).
+    ``thresholds``: ``"calibrated"`` (default: the per-level minimum confidence calibrated at
+    build time on held-out reference cells), a dict per level, one float for all, or None (no
+    rejection); below it a cell is ``{level}_unknown`` and labelled ``"unknown"``.
+    ``uns["atlas"]`` holds the version, alignment reports and parameters. With
     ``return_neighbors``: ``obsm["atlas_neighbors_soma_joinid"]`` (int64, -1 = none),
     ``obsm["atlas_neighbors_similarity"]`` and ``uns["atlas_neighbors"]["dataset_id"]`` (str
     [cells, k]) of the coarse neighbours.
@@ -164,116 +321,67 @@ def map_query(
     if layout is None:
         raise MappingError(f"atlas {atlas.version} has no index shards; rebuild it with index levels")
     if k_coarse < 1 or k_fine < 1:
-        raise ValueError("k_coarse and k_fine must be ≥ 1")
-    root = layout.root
-    root_shard = atlas.shard(root.shards[0])
-    available = list(layout.levels) if layout.mode == "hierarchy" else list(root_shard.labels)
+        raise MappingError("k_coarse and k_fine must be ≥ 1")
+    if predict_method not in PREDICT_METHODS:
+        raise MappingError(f"predict_method must be one of {list(PREDICT_METHODS)}, got {predict_method!r}")
+    searcher = searcher if searcher is not None else LocalSearcher(atlas)
+    root_shard = atlas.shard(layout.root.shards[0])
+    available = available_levels(layout, list(root_shard.labels))
     levels = list(available if levels is None else levels)
-    unknown_levels = [lv for lv in levels if lv not in available]
-    if unknown_levels:
-        raise MappingError(f"atlas {atlas.version} has no label level(s) {unknown_levels}; it has {available}")
-    if isinstance(thresholds, Mapping):
-        extra = sorted(set(thresholds) - set(available))
-        if extra:
-            raise MappingError(f"thresholds name unknown level(s) {extra}; levels are {available}")
+    missing_levels = [lv for lv in levels if lv not in available]
+    if missing_levels:
+        raise MappingError(f"atlas {atlas.version} has no label level(s) {missing_levels}; it has {available}")
+    thresholds = resolve_thresholds(thresholds, atlas.manifest, available)
 
-    emb, has_data, reports = embed_query(adata, atlas, min_fraction=min_fraction,
-                                         batch_size=batch_size, device=device)
-    n = emb.shape[0]
-    obs = pd.DataFrame(index=pd.Index(adata.obs_names, name=adata.obs_names.name))
-    out_preds: dict[str, np.ndarray] = {}
+    aligned, has_data, reports = prepare_query(adata, atlas, min_fraction=min_fraction)
+    have = list(reports)
+    knn_targets, decode = plan_predictions(atlas.manifest, list(root_shard.profiles), have, predict, predict_method)
+    model = model if model is not None else atlas.model(device)
+    emb, decoded = embed_prepared(aligned, model, max_features=max_features_of(atlas.manifest),
+                                  batch_size=batch_size, device=device, decode=decode)
+    labels, coarse = assign_labels(emb, has_data, searcher, layout, levels, k_coarse=k_coarse,
+                                   k_fine=k_fine, thresholds=thresholds)
+    profiles = predict_profiles(coarse, searcher, knn_targets)
+    decoded_frames = {m: pd.DataFrame(v, columns=atlas.vocabulary[m]) for m, v in decoded.items()}
+    uns = {"atlas": mapping_uns(atlas.manifest, reports, levels, k_coarse, k_fine, thresholds,
+                                predict_method, int((~has_data).sum()))}
+    return assemble(adata.obs_names, emb, labels, profiles, decoded_frames,
+                    coarse if return_neighbors else None, uns)
 
-    # Coarse search: the first level, the profiles and the reported neighbours.
-    c_sims, c_pos, c_src, c_shards = search_node(atlas, root.shards, emb, k_coarse)
 
-    if layout.mode == "hierarchy":
-        depth_levels = list(layout.levels[: max((layout.levels.index(lv) for lv in levels), default=-1) + 1])
-        node_of = np.full(n, root.name, dtype=object)
-        parent_unknown = np.zeros(n, dtype=bool)
-        for depth, level in enumerate(depth_levels):
-            pred = np.full(n, "", dtype=object)
-            conf = np.zeros(n, np.float32)
-            for node_name in pd.unique(node_of[node_of != None]):  # noqa: E711
-                rows = np.flatnonzero(node_of == node_name)
-                node = layout.node(node_name)
-                if depth == 0:
-                    sims, pos, src, shards = c_sims, c_pos, c_src, c_shards
-                else:
-                    sims, pos, src, shards = search_node(atlas, node.shards, emb[rows], k_fine)
-                labels = gather(shards, pos, src, lambda s, lv=level: s.labels[lv], "")
-                p, c = weighted_vote(labels, sims, positions=pos)
-                pred[rows], conf[rows] = p, c
-            no_route = node_of == None  # noqa: E711
-            threshold = _threshold(thresholds, level)
-            rejected = (pred == "") | no_route | parent_unknown | ~has_data
-            if threshold is not None:
-                rejected |= conf < threshold
-            obs[f"{level}_pred"] = np.where(rejected, UNKNOWN, pred).astype(str)
-            obs[f"{level}_confidence"] = conf
-            obs[f"{level}_unknown"] = rejected
-            out_preds[level] = pred
-            parent_unknown = rejected
-            if depth + 1 < len(depth_levels):
-                nxt = np.full(n, None, dtype=object)
-                for node_name in pd.unique(node_of[~no_route]):
-                    rows = np.flatnonzero(node_of == node_name)
-                    for value in pd.unique(pred[rows]):
-                        child = layout.child(node_name, value) if value else None
-                        if child is not None:
-                            nxt[rows[pred[rows] == value]] = child.name
-                node_of = nxt
-        drop = [c for lv in depth_levels if lv not in levels for c in (f"{lv}_pred", f"{lv}_confidence", f"{lv}_unknown")]
-        obs = obs.drop(columns=drop)
-    else:  # hash layout: flat mapping, every level voted from the same neighbours
-        for level in levels:
-            labels = gather(c_shards, c_pos, c_src, lambda s, lv=level: s.labels[lv], "")
-            pred, conf = weighted_vote(labels, c_sims, positions=c_pos)
-            threshold = _threshold(thresholds, level)
-            rejected = (pred == "") | ~has_data
-            if threshold is not None:
-                rejected |= conf < threshold
-            obs[f"{level}_pred"] = np.where(rejected, UNKNOWN, pred).astype(str)
-            obs[f"{level}_confidence"] = conf
-            obs[f"{level}_unknown"] = rejected
-
-    result = ad.AnnData(obs=obs)
-    result.obsm["X_atlas"] = emb
-
-    have = set(query_modalities(adata))
-    profile_modalities = list(root_shard.profiles)
+def plan_predictions(manifest: Mapping[str, Any], profile_modalities: Sequence[str], have: Sequence[str],
+                     predict: Sequence[str] | None, method: str) -> tuple[list[str], dict[str, str]]:
+    """Which modalities to predict by kNN and which by the decoder (``{target: source}``)."""
+    decoder_can = decodable(manifest, have)
+    possible = set(profile_modalities) | (set(decoder_can) if method != "knn" else set())
     if predict is None:
-        predict = [m for m in profile_modalities if m not in have]
+        predict = [m for m in ("RNA", "protein", "ATAC") if m in possible and m not in have]
+    knn, decode = [], {}
     for m in predict:
-        if m not in profile_modalities:
-            raise MappingError(f"atlas {atlas.version} stores no {m} profiles to predict from; "
-                               f"it has {profile_modalities}")
-        features = list(c_shards[0].profiles[m][0])
-        sums = np.zeros((n, len(features)), np.float64)
-        counts = np.zeros((n, 1), np.float64)
-        for i, shard in enumerate(c_shards):  # a hash root spans several shards: pool their hits
-            part, cnt = mean_profile(shard.profiles[m][1], np.where(c_src == i, c_pos, -1), return_counts=True)
-            sums += np.nan_to_num(part) * cnt[:, None]
-            counts[:, 0] += cnt
-        values = np.full((n, len(features)), np.nan, np.float32)
-        has = counts[:, 0] > 0
-        values[has] = (sums[has] / counts[has]).astype(np.float32)
-        result.obsm[f"{m}_pred"] = pd.DataFrame(values, index=obs.index, columns=features)
+        if method in ("knn", "both"):
+            if m not in profile_modalities:
+                raise MappingError(f"the atlas stores no {m} profiles to predict from by kNN; "
+                                   f"it has {list(profile_modalities)}")
+            knn.append(m)
+        if method in ("decoder", "both"):
+            if m not in decoder_can:
+                why = ("its model is not a CVQVAE" if manifest["model"]["config"].get("model") != "cvqvae"
+                       else f"the query must hold the other modality of {manifest['model']['config']['modalities']} "
+                            f"and lack {m}")
+                raise MappingError(f"cannot predict {m} with the decoder: {why}")
+            decode[m] = decoder_can[m]
+    return knn, decode
 
-    if return_neighbors:
-        result.obsm["atlas_neighbors_soma_joinid"] = gather(c_shards, c_pos, c_src, lambda s: s.soma_joinid, -1)
-        result.obsm["atlas_neighbors_similarity"] = c_sims
-        result.uns["atlas_neighbors"] = {
-            "dataset_id": gather(c_shards, c_pos, c_src, lambda s: s.dataset_id, ""),
-            "shard": root.name,
-        }
-    result.uns["atlas"] = {
-        "version": atlas.version,
-        "alignment": reports,
-        "levels": levels,
+
+def mapping_uns(manifest: Mapping[str, Any], reports: Mapping[str, Any], levels: Sequence[str], k_coarse: int,
+                k_fine: int, thresholds: Any, predict_method: str, n_no_data: int) -> dict[str, Any]:
+    return {
+        "version": manifest["atlas_version"],
+        "alignment": dict(reports),
+        "levels": list(levels),
         "k_coarse": int(k_coarse),
         "k_fine": int(k_fine),
         "thresholds": dict(thresholds) if isinstance(thresholds, Mapping) else thresholds,
-        "n_no_data": int((~has_data).sum()),
+        "predict_method": predict_method,
+        "n_no_data": int(n_no_data),
     }
-    return result
-
