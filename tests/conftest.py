@@ -69,3 +69,11 @@ def pytest_sessionfinish(session, exitstatus):
 
         if ray.is_initialized():
             ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_atlas(dataset, tmp_path_factory):
+    """``(Atlas, query, protein names)``: a small real Concerto atlas (see ``tests/tiny_atlas.py``)."""
+    from tests.tiny_atlas import PBMC, build_tiny_atlas
+
+    return build_tiny_atlas(dataset(PBMC), tmp_path_factory.mktemp("tiny_atlas"))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,7 +9,6 @@ import scipy.sparse as sp
 
 from atlas.mapping import MappingError, map_query, mean_profile, weighted_vote
 
-PBMC = "pbmc10k_10x_cite_totalvi_rna4000hvg_adt14_labelled.h5ad"
 LEVELS = ["cell_type_l1", "cell_type_l2"]
 
 
@@ -63,61 +60,6 @@ def test_mean_profile_skips_missing_hits_and_unmeasured_rows():
 
 
 # -- end to end on a tiny Ray-free artifact -----------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_atlas(dataset, tmp_path_factory):
-    """1,000 PBMC cells: 800 reference (1 epoch of a 32-d Concerto), 200 held out as the query."""
-    import anndata as ad
-    import torch
-
-    from atlas.artifact import load_atlas, write_manifest
-    from atlas.data.batches import csr_to_batch, normalize_log1p
-    from atlas.index.shards import build_hierarchy
-    from atlas.models.config import ConcertoConfig, build_model, config_to_dict
-    from atlas.train.step import fit_local, minibatches
-
-    t0 = time.perf_counter()
-    full = ad.read_h5ad(dataset(PBMC))
-    rng = np.random.default_rng(0)
-    cells = np.sort(rng.choice(full.n_obs, 1000, replace=False))
-    data = full[cells].copy()
-    ref, query = data[:800].copy(), data[800:].copy()
-    rna = sp.csr_matrix(ref.X, dtype=np.float32)
-    protein = ref.obsm["protein_counts"]
-    prot_csr = sp.csr_matrix(protein.to_numpy(np.float32))
-    prot_norm = prot_csr.copy()
-    prot_norm.data = normalize_log1p(prot_norm.indptr, prot_norm.data)
-
-    torch.manual_seed(0)
-    config = ConcertoConfig(modalities=("RNA",), embed_dim=32)
-    vocab_sizes = {"RNA": ref.n_vars}
-    domain_names = sorted(ref.obs["batch"].unique())
-    model = build_model(config, vocab_sizes, len(domain_names))
-    domain = np.array(pd.Categorical(ref.obs["batch"], categories=domain_names).codes, dtype=np.int64)
-    batch = csr_to_batch({"RNA": rna}, domain=domain)
-    fit_local(model, minibatches(batch, 128), epochs=1, lr=1e-3)
-    model.eval()
-    with torch.no_grad():
-        emb = model.embed(batch).numpy()
-
-    art = tmp_path_factory.mktemp("atlas")
-    build_hierarchy(
-        emb, np.arange(800), {lv: ref.obs[lv].to_numpy() for lv in LEVELS}, LEVELS,
-        {"protein": (list(protein.columns), prot_norm.toarray())}, np.full(800, "pbmc10k"),
-        use_gpu=False, out_dir=art / "shards",
-    )
-    torch.save(model.state_dict(), art / "model.pt")
-    write_manifest(
-        art, build_config={"data": {"normalization": {}}},
-        model={"config": config_to_dict(config), "vocab_sizes": vocab_sizes,
-               "n_domains": len(domain_names), "domain_names": domain_names},
-        vocabulary={"RNA": list(ref.var_names), "protein": list(protein.columns)},
-        store={"uri": "memory://test", "version": None, "committed_at": None}, metrics={},
-    )
-    del query.obsm["protein_counts"]
-    assert time.perf_counter() - t0 < 60
-    return load_atlas(art), query, list(protein.columns)
 
 
 @pytest.mark.real_data
