@@ -41,6 +41,7 @@ MANIFEST = "manifest.json"
 WEIGHTS = "model.pt"
 VOCAB_DIR = "vocabulary"
 SHARDS_DIR = "shards"
+NORMALIZATION_DIR = "normalization"
 _MODEL_KEYS = ("config", "vocab_sizes", "n_domains", "domain_names")
 _STORE_KEYS = ("uri", "version", "committed_at")
 _FIX = "rebuild the atlas or restore the file"
@@ -65,6 +66,9 @@ def write_manifest(
     metrics: dict[str, Any],
     extra: dict[str, Any] | None = None,
     atlas_version: str | None = None,
+    mapping: dict[str, Any] | None = None,
+    species: str | None = None,
+    idf: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the vocabulary files and ``manifest.json``, sealing the artifact; returns the manifest.
 
@@ -75,6 +79,11 @@ def write_manifest(
     name and ``weights`` to ``model.pt``. ``vocabulary`` maps modality → feature ids ordered by
     feature soma_joinid. ``store`` holds ``uri``, ``version`` and ``committed_at``.
     ``atlas_version`` is generated (timestamp + short uuid) unless the build already chose one.
+    ``mapping`` holds the calibrated unknown-rejection thresholds
+    (:func:`atlas.mapping.calibrate.calibrate_thresholds`); ``species`` the store's species
+    (queries of another species are refused); ``idf`` modality → the reference's inverse
+    document frequencies (float32 per vocabulary id) for TF-IDF-normalised modalities, written
+    to ``normalization/<modality>_idf.npy`` so a query is normalised exactly as the reference.
     """
     root = Path(artifact_dir)
     if not root.is_dir():
@@ -87,6 +96,9 @@ def write_manifest(
     vocab_info = {}
     for modality in sorted(vocabulary):
         vocab_info[modality] = _write_vocabulary(root, modality, vocabulary[modality])
+    idf_files = {}
+    for modality, values in sorted((idf or {}).items()):
+        idf_files[modality] = _write_idf(root, modality, values, len(vocabulary.get(modality, [])))
 
     now = _dt.datetime.now(_dt.timezone.utc)
     manifest = {
@@ -99,6 +111,9 @@ def write_manifest(
         "vocabulary_hash": vocabulary_hash(vocabulary),
         "store": _jsonable(store),
         "metrics": _jsonable(metrics),
+        "species": species,
+        "normalization": {"idf": idf_files},
+        "mapping": _jsonable(mapping or {}),
         "extra": _jsonable(extra or {}),
         "libraries": library_versions(),
         "shards": f"{SHARDS_DIR}/layout.json" if (root / SHARDS_DIR / "layout.json").is_file() else None,
@@ -136,6 +151,18 @@ def _write_vocabulary(root: Path, modality: str, ids: list[str]) -> dict[str, An
     path.parent.mkdir(exist_ok=True)
     path.write_text("".join(i + "\n" for i in ids), encoding="utf-8")
     return {"file": f"{VOCAB_DIR}/{modality}.txt", "n_features": len(ids)}
+
+
+def _write_idf(root: Path, modality: str, values: Any, n_features: int) -> str:
+    import numpy as np
+
+    arr = np.asarray(values, dtype=np.float32)
+    if arr.ndim != 1 or arr.size != n_features:
+        raise ValueError(f"{modality} idf has shape {arr.shape}; expected ({n_features},) = its vocabulary size")
+    rel = f"{NORMALIZATION_DIR}/{modality}_idf.npy"
+    (root / NORMALIZATION_DIR).mkdir(exist_ok=True)
+    np.save(root / rel, arr)
+    return rel
 
 
 def vocabulary_hash(vocabulary: dict[str, list[str]]) -> str:
@@ -348,6 +375,23 @@ class Atlas:
     def domain_names(self) -> list[str]:
         """The training domains (batches/donors) in the order the model's domain ids use."""
         return list(self.manifest["model"]["domain_names"])
+
+    @property
+    def species(self) -> str | None:
+        """The species of the reference (``human``/``mouse``), when the build recorded it."""
+        return self.manifest.get("species")
+
+    def idf(self, modality: str) -> Any:
+        """The reference's inverse document frequencies of a TF-IDF-normalised modality (float32
+        per vocabulary id), or None when the atlas has none for it."""
+        import numpy as np
+
+        rel = (self.manifest.get("normalization") or {}).get("idf", {}).get(modality)
+        if rel is None:
+            return None
+        if self._lazy:
+            _verify_subset(self.path, self.manifest, [rel])
+        return np.load(self.path / rel)
 
     def shard_names(self) -> list[str]:
         return self.layout.shard_names() if self.layout else []

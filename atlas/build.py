@@ -189,6 +189,7 @@ def build_atlas(build: BuildConfig, *, resume: bool = False, overwrite: bool = F
         )
         seconds["index"] = time.perf_counter() - t
         log(f"[build] index: {layout.mode} layout, {len(layout.shard_names())} shard(s) in {seconds['index']:.1f} s")
+        mapping = _calibrate(build, layout, staging / "shards", embeddings, joinids, obs, levels, log)
         torch.save(result.model_state, staging / "model.pt")
         seconds["total"] = time.perf_counter() - t0
         store_record = {"uri": str(Path(uri).resolve()) if "://" not in uri else uri,
@@ -206,6 +207,9 @@ def build_atlas(build: BuildConfig, *, resume: bool = False, overwrite: bool = F
                      "train_cells_per_s": epochs[-1]["cells_per_s"] if epochs else None},
             extra={"history": result.history, "run_path": result.run_path},
             atlas_version=atlas_version,
+            mapping=mapping,
+            species=_species(uri, modalities),
+            idf={m: v for m, v in plan.idf.items() if m in modalities},
         )
         if output.exists():
             shutil.rmtree(output)
@@ -221,6 +225,37 @@ def build_atlas(build: BuildConfig, *, resume: bool = False, overwrite: bool = F
     )
     log(f"[build] atlas {summary.atlas_version} written to {output} in {seconds['total']:.1f} s")
     return summary
+
+
+def _calibrate(build: BuildConfig, layout, shards_dir: Path, embeddings: np.ndarray, joinids: np.ndarray,
+               obs: pd.DataFrame, levels: list[str], log: Callable[[str], None]) -> dict[str, Any]:
+    """Unknown-rejection thresholds from reference cells mapped leave-one-out (empty: no levels)."""
+    if not levels or build.index.calibration_cells <= 0:
+        return {}
+    from atlas.mapping.calibrate import calibrate_thresholds
+    from atlas.mapping.search import LocalSearcher, ShardFolder
+
+    t = time.perf_counter()
+    labels = {lv: obs[lv].fillna("").astype(str).to_numpy() for lv in levels}
+    mapping = calibrate_thresholds(
+        embeddings, joinids, labels, LocalSearcher(ShardFolder(shards_dir)), layout, levels,
+        rejection_rate=build.index.rejection_rate, max_cells=build.index.calibration_cells,
+        seed=build.train.seed,
+    )
+    shown = ", ".join(f"{lv} {v:.3f}" for lv, v in mapping["thresholds"].items() if v is not None)
+    acc = ", ".join(f"{lv} {v:.3f}" for lv, v in mapping["loo_accuracy"].items() if v is not None)
+    log(f"[build] unknown thresholds ({mapping['n_cells']:,} held-out reference cells, "
+        f"{build.index.rejection_rate:.0%} rejected): {shown}; leave-one-out accuracy {acc} "
+        f"({time.perf_counter() - t:.1f} s)")
+    return mapping
+
+
+def _species(uri: str, modalities: tuple[str, ...]) -> str | None:
+    exp = open_experiment(uri)
+    for m in ("RNA", *modalities):
+        if m in exp.ms and exp.ms[m].metadata.get("species"):
+            return str(exp.ms[m].metadata["species"])
+    return None
 
 
 def _committed_at(store: str, version) -> float | None:

@@ -24,6 +24,8 @@ def build_tiny_atlas(source: Path, art: Path):
     from atlas.artifact import load_atlas, write_manifest
     from atlas.data.batches import csr_to_batch, normalize_log1p
     from atlas.index.shards import build_hierarchy
+    from atlas.mapping.calibrate import calibrate_thresholds
+    from atlas.mapping.search import LocalSearcher, ShardFolder
     from atlas.models.config import ConcertoConfig, build_model, config_to_dict
     from atlas.train.step import fit_local, minibatches
 
@@ -50,11 +52,14 @@ def build_tiny_atlas(source: Path, art: Path):
     with torch.no_grad():
         emb = model.embed(batch).numpy()
 
-    build_hierarchy(
-        emb, np.arange(800), {lv: ref.obs[lv].to_numpy() for lv in LEVELS}, LEVELS,
+    labels = {lv: ref.obs[lv].astype(str).to_numpy() for lv in LEVELS}
+    layout = build_hierarchy(
+        emb, np.arange(800), labels, LEVELS,
         {"protein": (list(protein.columns), prot_norm.toarray())}, np.full(800, "pbmc10k"),
         use_gpu=False, out_dir=art / "shards",
     )
+    mapping = calibrate_thresholds(emb, np.arange(800), labels, LocalSearcher(ShardFolder(art / "shards")),
+                                   layout, LEVELS, max_cells=400)
     torch.save(model.state_dict(), art / "model.pt")
     write_manifest(
         art, build_config={"data": {"normalization": {}}},
@@ -62,6 +67,7 @@ def build_tiny_atlas(source: Path, art: Path):
                "n_domains": len(domain_names), "domain_names": domain_names},
         vocabulary={"RNA": list(ref.var_names), "protein": list(protein.columns)},
         store={"uri": "memory://test", "version": None, "committed_at": None}, metrics={},
+        mapping=mapping, species="human",
     )
     del query.obsm["protein_counts"]
     return load_atlas(art), query, list(protein.columns)

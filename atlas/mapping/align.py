@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from atlas.data.batches import normalize_log1p
+from atlas.data.batches import normalize_log1p, tfidf_log1p
 from atlas.errors import AtlasError
 
 #: How many unknown query feature names a report lists (the count is always complete).
@@ -63,7 +63,7 @@ def atlas_species(atlas: Any) -> str | None:
     from atlas.store.vocabulary import detect_namespace, infer_species, normalise_species
 
     manifest = atlas.manifest
-    for section in (manifest.get("build_config", {}), manifest.get("store", {}), manifest.get("extra", {})):
+    for section in (manifest, manifest.get("build_config", {}), manifest.get("store", {}), manifest.get("extra", {})):
         if isinstance(section, dict) and section.get("species"):
             return normalise_species(str(section["species"]))
     vocab = atlas.vocabulary.get("RNA")
@@ -156,22 +156,24 @@ def normalization_of(atlas: Any, modality: str) -> str:
 
 
 def normalize_aligned(csr: sp.csr_matrix, atlas: Any, modality: str) -> sp.csr_matrix:
-    """Normalise aligned counts exactly as the reference pipeline did (library size 1e4 + log1p).
+    """Normalise aligned counts exactly as the reference pipeline did.
 
-    The library size is taken over the atlas's features only, as the reference's was over its
-    stored features. ATAC normalised with TF-IDF needs the reference's idf, which the artifact
-    does not store yet: refused with a :class:`MappingError`.
+    ``log1p``: library size 1e4 + log1p, the library size taken over the atlas's features only,
+    as the reference's was over its stored features. ``tfidf``: TF-IDF with the reference's idf
+    stored in the artifact (a query never refits it: its cells would be scaled differently).
     """
     method = normalization_of(atlas, modality)
     out = sp.csr_matrix(csr, dtype=np.float32, copy=True)
     if method == "log1p":
         out.data = normalize_log1p(out.indptr, out.data)
     elif method == "tfidf":
-        raise MappingError(
-            f"atlas {atlas.version} normalised {modality} with TF-IDF, whose reference idf is not "
-            "stored in the artifact yet; mapping such queries is not implemented — rebuild with "
-            f"log1p normalisation for {modality} or map without it"
-        )
+        idf = atlas.idf(modality) if hasattr(atlas, "idf") else None
+        if idf is None:
+            raise MappingError(
+                f"atlas {atlas.version} normalised {modality} with TF-IDF but stores no reference idf "
+                "(built by an older version); rebuild the atlas to map queries with this modality"
+            )
+        out.data = tfidf_log1p(out.indptr, out.indices, out.data, idf)
     elif method != "none":
         raise MappingError(f"atlas {atlas.version} uses unknown normalisation {method!r} for {modality}; "
                            "upgrade the atlas package")

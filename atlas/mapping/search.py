@@ -141,8 +141,26 @@ class Searcher(Protocol):
                      positions: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]: ...
 
 
+class ShardFolder:
+    """Shards read straight from a shards folder (a build, before its artifact is sealed)."""
+
+    def __init__(self, root: Any):
+        from pathlib import Path
+
+        self.root = Path(root)
+        self._cache: dict[str, Any] = {}
+
+    def shard(self, name: str, **kwargs: Any) -> Any:
+        if name not in self._cache:
+            from atlas.index.shards import load_shard
+
+            self._cache[name] = load_shard(self.root / name, **kwargs)
+        return self._cache[name]
+
+
 class LocalSearcher:
-    """Searches the shards of an :class:`~atlas.artifact.Atlas` in this process."""
+    """Searches the shards of an :class:`~atlas.artifact.Atlas` (or a :class:`ShardFolder`)
+    in this process."""
 
     def __init__(self, atlas: Any, **shard_kwargs: Any):
         self.atlas = atlas

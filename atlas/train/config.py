@@ -82,6 +82,10 @@ class IndexSection:
     hash_shards: int = 4
     embed_batch_size: int = 2048
     embed_actors: int = 1
+    rejection_rate: float = 0.05
+    """Fraction of held-out reference cells the calibrated unknown thresholds may reject."""
+    calibration_cells: int = 5000
+    """Reference cells mapped leave-one-out to calibrate the thresholds (0: no calibration)."""
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from atlas.data.batches import csr_to_batch, normalize_log1p
 from atlas.data.dataset import build_plan, vocabulary_sizes
 from atlas.data.reader import open_experiment
 from atlas.local_cluster import local_head, submit_job
+from atlas.mapping import MappingError, map_query
 from atlas.store.embeddings import read_embedding
 from atlas.store.ingest import ingest
 from atlas.store.versions import current_version
@@ -163,6 +164,23 @@ def test_cvqvae_build_submitted_with_ray_job_submit(dataset, tmp_path):
     epoch = built.manifest["metrics"]["epochs"][0]
     assert epoch["perplexity_1"] > 1 and epoch["perplexity_2"] > 1  # codebook in use, not collapsed
     assert built.layout.root.level == "cell_type_coarse"
+    assert built.species == "mouse"
+    assert set(built.manifest["mapping"]["thresholds"]) == {"cell_type_coarse", "cell_type_fine"}
+
+    # An RNA-only query of other cells: labels from the index, ATAC from the CVQVAE decoder.
+    full_rna = ad.read_h5ad(dataset(MOP_RNA))
+    others = np.setdiff1d(np.arange(full_rna.n_obs), np.flatnonzero(full_rna.obs_names.isin(rna.obs_names)))
+    query = full_rna[np.random.default_rng(1).choice(others, 100, replace=False)].copy()
+    out = map_query(query, built, predict=["ATAC"], predict_method="decoder")
+    atac_pred = out.obsm["ATAC_pred"]
+    assert list(atac_pred.columns) == built.vocabulary["ATAC"] and np.isfinite(atac_pred.to_numpy()).all()
+    measured = ad.read_h5ad(dataset(MOP_ATAC))[query.obs_names]
+    measured = sp.csr_matrix(measured.X, dtype=np.float32)
+    measured.data = normalize_log1p(measured.indptr, measured.data)
+    per_cell = [np.corrcoef(atac_pred.to_numpy()[i], measured[i].toarray().ravel())[0, 1] for i in range(100)]
+    assert np.nanmean(per_cell) > 0.05  # the decoder's accessibility profile follows the measured one
+    with pytest.raises(MappingError, match="stores no ATAC profiles"):
+        map_query(query, built, predict=["ATAC"], predict_method="knn")
 
 
 def test_multi_node_training_places_workers_on_different_nodes(pbmc, tmp_path):

@@ -143,3 +143,38 @@ def test_manifest_needs_the_model_section(tmp_path):
     with pytest.raises(ValueError, match="domain_names"):
         write_manifest(tmp_path, build_config={}, model={"config": {}, "vocab_sizes": {}, "n_domains": 1},
                        vocabulary={}, store={"uri": "u", "version": 1, "committed_at": None}, metrics={})
+
+
+def test_idf_species_and_mapping_sections_round_trip(tmp_path):
+    """A TF-IDF atlas stores its reference idf; a query is normalised with it, as the reader does."""
+    import scipy.sparse as sp
+
+    from atlas.data.batches import fit_idf
+    from atlas.data.reader import transform
+    from atlas.mapping.align import normalize_aligned
+
+    root = tmp_path / "atlas"
+    root.mkdir()
+    _write_artifact(root)
+    manifest = json.loads((root / MANIFEST).read_text())
+    rng = np.random.default_rng(3)
+    reference = sp.random(40, 20, density=0.3, random_state=1, format="csr", dtype=np.float32)
+    reference.data = np.ceil(reference.data * 5)
+    idf = fit_idf(reference)
+    (root / MANIFEST).unlink()
+    write_manifest(root, build_config={"data": {"normalization": {"RNA": "tfidf"}}}, model=manifest["model"],
+                   vocabulary=VOCAB, store=manifest["store"], metrics={}, species="human",
+                   mapping={"thresholds": {"l1": 0.4}}, idf={"RNA": idf})
+    for verify in ("full", "lazy"):
+        atlas = load_atlas(root, verify=verify)
+        assert atlas.species == "human" and atlas.manifest["mapping"]["thresholds"] == {"l1": 0.4}
+        np.testing.assert_array_equal(atlas.idf("RNA"), idf)
+        assert atlas.idf("protein") is None
+    query = sp.csr_matrix(rng.integers(0, 4, size=(5, 20)).astype(np.float32))
+    ours = normalize_aligned(query, atlas, "RNA")
+    indptr, indices, values = transform(query, "tfidf", idf, None)
+    np.testing.assert_array_equal(ours.indices, indices)
+    np.testing.assert_allclose(ours.data, values, rtol=1e-6)
+    with pytest.raises(ValueError, match="idf has shape"):
+        write_manifest(root, build_config={}, model=manifest["model"], vocabulary=VOCAB,
+                       store=manifest["store"], metrics={}, idf={"RNA": idf[:5]})

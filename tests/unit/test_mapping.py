@@ -141,10 +141,68 @@ def test_map_query_hash_layout_flat_vote(tiny_atlas, tmp_path):
     m = atlas.manifest
     write_manifest(tmp_path, build_config=m["build_config"], model=m["model"], vocabulary=atlas.vocabulary,
                    store=m["store"], metrics={})
-    flat = map_query(query[:40].copy(), load_atlas(tmp_path), k_coarse=10)
-    tree = map_query(query[:40].copy(), atlas, k_coarse=10)
+    flat = map_query(query[:40].copy(), load_atlas(tmp_path), k_coarse=10, thresholds=None)
+    tree = map_query(query[:40].copy(), atlas, k_coarse=10, thresholds=None)
     # Same reference cells, same k: the merged flat level-1 vote equals the coarse vote.
     assert (flat.obs["cell_type_l1_pred"] == tree.obs["cell_type_l1_pred"]).all()
     assert "cell_type_l2_pred" in flat.obs
     np.testing.assert_allclose(flat.obsm["protein_pred"].to_numpy(), tree.obsm["protein_pred"].to_numpy(), rtol=1e-5)
     assert list(flat.obsm["protein_pred"].columns) == proteins
+
+
+@pytest.mark.real_data
+def test_calibrated_thresholds_are_stored_and_used_by_default(tiny_atlas):
+    atlas, query, _ = tiny_atlas
+    section = atlas.manifest["mapping"]
+    assert section["n_cells"] == 400 and section["rejection_rate"] == 0.05
+    for lv in LEVELS:
+        assert 0.0 < section["thresholds"][lv] <= 1.0
+        assert 0.3 < section["loo_accuracy"][lv] <= 1.0
+    default = map_query(query, atlas, predict=[])
+    none = map_query(query, atlas, predict=[], thresholds=None)
+    lv = "cell_type_l1"
+    below = none.obs[f"{lv}_confidence"] < section["thresholds"][lv]
+    assert (default.obs[f"{lv}_unknown"] == (below | none.obs[f"{lv}_unknown"])).all()
+    assert default.uns["atlas"]["thresholds"][lv] == section["thresholds"][lv]
+    assert not none.obs[f"{lv}_unknown"].any()
+
+
+def test_leave_one_out_search_skips_the_query_cell_itself():
+    from atlas.index.faiss_index import build_index
+    from atlas.index.shards import Shard
+    from atlas.mapping.search import search_shard
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 8)).astype(np.float32)
+    shard = Shard("s", build_index(x, kind="flat", use_gpu=False), np.arange(100, 150),
+                  {"l": np.array(["a"] * 50)}, np.array(["d"] * 50))
+    plain = search_shard(shard, x[:5], 3)
+    assert (plain.soma_joinid[:, 0] == np.arange(100, 105)).all()  # each cell finds itself first
+    loo = search_shard(shard, x[:5], 3, exclude=np.arange(100, 105))
+    assert not (loo.soma_joinid == np.arange(100, 105)[:, None]).any()
+    np.testing.assert_array_equal(loo.soma_joinid, search_shard(shard, x[:5], 4).soma_joinid[:, 1:])
+
+
+def test_calibration_threshold_rejects_about_the_requested_fraction():
+    from atlas.index.shards import build_hierarchy
+    from atlas.mapping.calibrate import calibrate_thresholds
+    from atlas.mapping.query import assign_labels
+    from atlas.mapping.search import LocalSearcher
+
+    rng = np.random.default_rng(1)
+    centers = rng.normal(size=(3, 16)) * 2
+    truth = rng.integers(0, 3, 600)
+    emb = (centers[truth] + rng.normal(size=(600, 16))).astype(np.float32)
+    labels = {"l1": np.array(["A", "B", "C"])[truth]}
+    layout = build_hierarchy(emb, np.arange(600), labels, ["l1"], None, np.full(600, "d"), use_gpu=False)
+
+    class InMemory:  # the layout's shards, built without out_dir
+        def shard(self, name, **_):
+            return layout.shards[name]
+
+    searcher = LocalSearcher(InMemory())
+    out = calibrate_thresholds(emb, np.arange(600), labels, searcher, layout, ["l1"],
+                               rejection_rate=0.1, max_cells=600)
+    obs, _ = assign_labels(emb, np.ones(600, bool), searcher, layout, ["l1"], exclude=np.arange(600))
+    rejected = (obs["l1_confidence"] < out["thresholds"]["l1"]).mean()
+    assert rejected <= 0.1 and out["loo_accuracy"]["l1"] > 0.8

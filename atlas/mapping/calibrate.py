@@ -1,0 +1,81 @@
+"""Unknown-rejection thresholds, calibrated at build time on held-out reference cells.
+
+A query cell whose vote share at a level falls below that level's threshold is flagged
+``{level}_unknown``. The threshold is set so that about ``rejection_rate`` of *known* cells —
+reference cells mapped as if they were queries — would be rejected: the rate of false "unknown"
+calls a user accepts to catch cell types the atlas does not hold.
+
+Held out how: each sampled reference cell is searched against the built index with its own entry
+excluded (leave-one-out), through the same coarse-to-fine code the mapper runs. The index is not
+rebuilt and the model is not retrained without these cells; their embedding comes from a model
+that saw them, so their neighbourhoods are, if anything, a little cleaner than a new query's and
+the thresholds a little strict rather than lax. Recorded in the manifest's ``mapping`` section
+together with the leave-one-out accuracy per level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from atlas.mapping.query import UNKNOWN, assign_labels
+from atlas.mapping.search import Searcher
+
+METHOD = "leave-one-out vote share quantile"
+
+
+def calibrate_thresholds(
+    embeddings: np.ndarray,
+    joinids: np.ndarray,
+    labels: Mapping[str, np.ndarray],
+    searcher: Searcher,
+    layout: Any,
+    levels: Sequence[str],
+    *,
+    rejection_rate: float = 0.05,
+    max_cells: int = 5000,
+    k_coarse: int = 25,
+    k_fine: int = 5,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Per-level thresholds from up to ``max_cells`` reference cells mapped leave-one-out.
+
+    ``labels``: level → str [n] of the reference cells (``""`` = unlabelled, not used at that
+    level). Returns the manifest's ``mapping`` section: ``thresholds`` (level → float, None when
+    no labelled cell was sampled), ``loo_accuracy`` (level → accuracy of the leave-one-out vote
+    before rejection), ``rejection_rate``, ``n_cells``, ``k_coarse``, ``k_fine``, ``method``.
+    """
+    if not 0.0 <= rejection_rate < 1.0:
+        raise ValueError(f"rejection_rate must be in [0, 1), got {rejection_rate}")
+    n = embeddings.shape[0]
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(n, size=min(n, max_cells), replace=False))
+    obs, _ = assign_labels(
+        np.ascontiguousarray(embeddings[sample], dtype=np.float32), np.ones(sample.size, bool), searcher,
+        layout, list(levels), k_coarse=k_coarse, k_fine=k_fine, thresholds=None,
+        exclude=np.asarray(joinids, np.int64)[sample],
+    )
+    thresholds: dict[str, float | None] = {}
+    accuracy: dict[str, float | None] = {}
+    for level in levels:
+        truth = np.asarray(labels[level], dtype=str)[sample]
+        labelled = truth != ""
+        if not labelled.any():
+            thresholds[level] = accuracy[level] = None
+            continue
+        conf = obs[f"{level}_confidence"].to_numpy()[labelled]
+        pred = obs[f"{level}_pred"].to_numpy()[labelled]
+        # Strict "<" at mapping time: at most ~rejection_rate of these cells fall below.
+        thresholds[level] = float(np.quantile(conf, rejection_rate, method="lower")) if rejection_rate > 0 else 0.0
+        accuracy[level] = float(np.mean((pred == truth[labelled]) & (pred != UNKNOWN)))
+    return {
+        "method": METHOD,
+        "rejection_rate": float(rejection_rate),
+        "n_cells": int(sample.size),
+        "k_coarse": int(k_coarse),
+        "k_fine": int(k_fine),
+        "thresholds": thresholds,
+        "loo_accuracy": accuracy,
+    }
