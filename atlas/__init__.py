@@ -9,11 +9,15 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    """Lazy public API: ``atlas.load_atlas`` etc. without importing faiss/torch at ``import atlas``."""
+    """Lazy public API: ``atlas.load_atlas``, ``atlas.map_query`` etc. without importing faiss/torch at ``import atlas``."""
     if name in ("load_atlas", "ArtifactError", "Atlas"):
         from atlas import artifact
 
         return getattr(artifact, name)
+    if name == "map_query":
+        from atlas.mapping.query import map_query
+
+        return map_query
     if name == "build_atlas":
         from atlas.build import build_atlas
 
