@@ -52,7 +52,8 @@ def build_tiny_atlas(source: Path, art: Path):
     with torch.no_grad():
         emb = model.embed(batch).numpy()
 
-    labels = {lv: ref.obs[lv].astype(str).to_numpy() for lv in LEVELS}
+    # As `atlas ingest --unlabeled undefined` stores them: cells the gating left unlabelled vote for nothing.
+    labels = {lv: ref.obs[lv].astype(str).replace("undefined", "").to_numpy() for lv in LEVELS}
     layout = build_hierarchy(
         emb, np.arange(800), labels, LEVELS,
         {"protein": (list(protein.columns), prot_norm.toarray())}, np.full(800, "pbmc10k"),
