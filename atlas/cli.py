@@ -211,6 +211,136 @@ def build(
 
 @app.command()
 @user_errors
+def serve(
+    artifact: Annotated[Path, typer.Argument(help="Atlas artifact folder (built by `atlas build`).")],
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
+    host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    token_file: Annotated[Path | None, typer.Option(
+        help="File holding the bearer token clients must send (default: $ATLAS_TOKEN, else a new random "
+             "token is generated and printed).")] = None,
+    address: Annotated[str | None, typer.Option(
+        help="Deploy on this running Ray cluster (e.g. auto) instead of starting a local Ray.")] = None,
+    max_cells_per_request: Annotated[int, typer.Option(help="Most cells in one request.")] = 10_000,
+    max_request_mb: Annotated[int, typer.Option(help="Largest request body in MiB.")] = 64,
+) -> None:
+    """Serve ARTIFACT for query mapping (Ray Serve on a local Ray) until Ctrl-C.
+
+    Clients: `atlas map QUERY.h5ad -o OUT.h5ad --url http://HOST:PORT` or atlas.client.AtlasClient.
+    """
+    import secrets
+    import tempfile
+
+    from atlas.service.app import run_service
+    from atlas.service.auth import load_tokens
+
+    args: dict[str, Any] = {"artifact": str(artifact), "max_cells_per_request": max_cells_per_request,
+                            "max_request_bytes": max_request_mb << 20}
+    if token_file is not None:
+        load_tokens(str(token_file))  # a missing or empty file is a user error, before Ray starts
+        args["token_file"] = str(token_file)
+    elif not os.environ.get("ATLAS_TOKEN", "").strip():
+        token = secrets.token_urlsafe(32)
+        fd, path = tempfile.mkstemp(prefix="atlas-token-", text=True)  # mode 0600
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        args["token_file"] = path
+        typer.echo(f"no --token-file or $ATLAS_TOKEN: generated a token (saved in {path}):\n"
+                   f"  export ATLAS_TOKEN={token}", err=True)
+    run_service(args, host=host, port=port, address=address, log_line=lambda line: typer.echo(line, err=True))
+
+
+def _parse_thresholds(value: str) -> Any:
+    """``calibrated`` | ``none`` | a number | ``level=value,level=value``."""
+    from atlas.mapping.align import MappingError
+
+    text = value.strip()
+    if text.lower() in ("calibrated", "none"):
+        return None if text.lower() == "none" else "calibrated"
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    out = {}
+    for item in text.split(","):
+        level, sep, number = item.partition("=")
+        try:
+            out[level.strip()] = float(number)
+        except ValueError:
+            sep = ""
+        if not sep or not level.strip():
+            raise MappingError(f"--thresholds {value!r}: expected calibrated, none, a number or LEVEL=NUMBER,...")
+    return out
+
+
+def _names(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    return [] if names in ([], ["none"]) else names
+
+
+@app.command("map")
+@user_errors
+def map_cells(
+    query: Annotated[Path, typer.Argument(help="Query cells (.h5ad) with raw counts (X or layers['counts']).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the result (.h5ad).")],
+    url: Annotated[str | None, typer.Option(help="A mapping service (atlas serve / RayService), e.g. http://127.0.0.1:8000.")] = None,
+    token: Annotated[str | None, typer.Option(help="The service's bearer token (default: $ATLAS_TOKEN).")] = None,
+    token_file: Annotated[Path | None, typer.Option(help="File holding the service's bearer token.")] = None,
+    atlas_dir: Annotated[Path | None, typer.Option("--atlas", help="Map offline onto this artifact folder instead.")] = None,
+    levels: Annotated[str | None, typer.Option(help="Label levels, comma-separated (default: all).")] = None,
+    predict: Annotated[str | None, typer.Option(
+        help="Modalities to predict, comma-separated, or none (default: every one the query lacks).")] = None,
+    predict_method: Annotated[str, typer.Option(help="knn, decoder (CVQVAE atlases) or both.")] = "knn",
+    thresholds: Annotated[str, typer.Option(
+        help="Unknown below this confidence: calibrated, none, a number, or LEVEL=NUMBER,...")] = "calibrated",
+    k_coarse: Annotated[int, typer.Option(help="Neighbours in the coarse index.")] = 25,
+    k_fine: Annotated[int, typer.Option(help="Neighbours in a fine shard.")] = 5,
+    neighbors: Annotated[bool, typer.Option("--neighbors", help="Also store each cell's coarse neighbours.")] = False,
+    max_cells_per_request: Annotated[int, typer.Option(help="With --url: cells per request.")] = 2000,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Map QUERY onto an atlas — served (--url) or offline (--atlas), same result — and write OUTPUT.
+
+    OUTPUT holds the query's cells (no expression matrix): obs {level}_pred, _confidence, _unknown;
+    obsm X_atlas and {modality}_pred; uns['atlas'].
+    """
+    import anndata as ad
+
+    if (url is None) == (atlas_dir is None):
+        raise fail("give exactly one of --url (a mapping service) or --atlas (an artifact folder)")
+    if atlas_dir is not None and (token or token_file):
+        raise fail("--token/--token-file go with --url, not --atlas")
+    if token and token_file:
+        raise fail("give --token or --token-file, not both")
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
+    if not query.is_file():
+        raise FileNotFoundError(f"query file {query} not found")
+    options = dict(predict_method=predict_method, thresholds=_parse_thresholds(thresholds), k_coarse=k_coarse,
+                   k_fine=k_fine, return_neighbors=neighbors)
+    adata = ad.read_h5ad(query)
+    if url is not None:
+        from atlas.client import AtlasClient
+
+        secret = token_file.read_text().strip() if token_file is not None else token
+        with AtlasClient(url, secret, max_cells_per_request=max_cells_per_request) as client:
+            out = client.map(adata, _names(levels), _names(predict), progress=progress, **options)
+    else:
+        from atlas.artifact import load_atlas
+        from atlas.mapping import map_query
+
+        out = map_query(adata, load_atlas(atlas_dir), _names(levels), _names(predict), **options)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    out.write_h5ad(output)
+    summary = ", ".join(f"{c[:-len('_unknown')]} {out.obs[c].mean():.0%} unknown"
+                        for c in out.obs.columns if c.endswith("_unknown"))
+    typer.echo(f"mapped {out.n_obs} cells onto atlas {out.uns['atlas']['version']} ({summary}); wrote {output}")
+
+
+@app.command()
+@user_errors
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo's store, artifact and logs.")] = Path("demo_out"),
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 2,

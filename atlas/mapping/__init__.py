@@ -8,35 +8,21 @@ coarse-to-fine over the index shards, and predict the modalities it lacks.
 * :mod:`atlas.mapping.query` — :func:`map_query`, used by the offline path and the service.
 """
 
-from atlas.mapping.align import MappingError, align_query, normalize_aligned, query_modalities
-from atlas.mapping.query import (
-    UNKNOWN,
-    assign_labels,
-    embed_prepared,
-    embed_query,
-    map_query,
-    predict_profiles,
-    prepare_query,
-)
-from atlas.mapping.search import Hits, LocalSearcher, merge_hits, search_shard
-from atlas.mapping.vote import mean_profile, weighted_vote
+from importlib import import_module
 
-__all__ = [
-    "UNKNOWN",
-    "Hits",
-    "LocalSearcher",
-    "MappingError",
-    "align_query",
-    "assign_labels",
-    "embed_prepared",
-    "embed_query",
-    "map_query",
-    "mean_profile",
-    "merge_hits",
-    "normalize_aligned",
-    "predict_profiles",
-    "prepare_query",
-    "query_modalities",
-    "search_shard",
-    "weighted_vote",
-]
+# Lazy: a Serve shard replica imports atlas.mapping.search only, and must not pay for torch
+# (atlas.mapping.query imports the model code).
+_EXPORTS = {
+    "MappingError": "align", "align_query": "align", "normalize_aligned": "align", "query_modalities": "align",
+    "UNKNOWN": "query", "assign_labels": "query", "embed_prepared": "query", "embed_query": "query",
+    "map_query": "query", "predict_profiles": "query", "prepare_query": "query", "run_mapping": "query",
+    "Hits": "search", "LocalSearcher": "search", "merge_hits": "search", "search_shard": "search",
+    "mean_profile": "vote", "weighted_vote": "vote",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f"atlas.mapping.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'atlas.mapping' has no attribute {name!r}")

@@ -10,7 +10,8 @@ Where each modality of the query is read from (first match wins):
 
 * ``RNA``: ``adata.layers["counts"]`` if present, else ``adata.X``; feature ids = ``var_names``.
 * other modalities (``protein``, ``ATAC``): ``adata.obsm[m]`` or ``adata.obsm[f"{m}_counts"]``,
-  a pandas DataFrame whose columns are the feature ids (an unnamed array is refused).
+  a pandas DataFrame whose columns are the feature ids (an unnamed array is refused); a frame of
+  sparse columns (``pd.DataFrame.sparse.from_spmatrix``) is read without densifying.
 """
 
 from __future__ import annotations
@@ -49,13 +50,25 @@ def query_matrix(adata: Any, modality: str) -> tuple[sp.csr_matrix, list[str]] |
                     f"query obsm[{key!r}] has no feature names; store it as a pandas DataFrame whose "
                     f"columns are the {modality} feature ids"
                 )
-            return sp.csr_matrix(value.to_numpy(dtype=np.float32)), [str(c) for c in value.columns]
+            features = [str(c) for c in value.columns]
+            if len(value.columns) and all(isinstance(t, pd.SparseDtype) for t in value.dtypes):
+                # A sparse frame (e.g. cells × peaks) stays sparse: never densify ATAC.
+                return sp.csr_matrix(value.sparse.to_coo(), dtype=np.float32), features
+            return sp.csr_matrix(value.to_numpy(dtype=np.float32)), features
     return None
 
 
+def _holds(adata: Any, modality: str) -> bool:
+    if modality == "RNA":
+        return adata.n_vars > 0 and ("counts" in adata.layers or adata.X is not None)
+    return any(key in adata.obsm for key in (modality, f"{modality}_counts"))
+
+
 def query_modalities(adata: Any) -> list[str]:
-    """Modalities the query holds (``RNA`` / ``protein`` / ``ATAC``), in canonical order."""
-    return [m for m in ("RNA", "protein", "ATAC") if query_matrix(adata, m) is not None]
+    """Modalities the query holds (``RNA`` / ``protein`` / ``ATAC``), in canonical order.
+
+    Looks at where each would be read from, without converting any matrix."""
+    return [m for m in ("RNA", "protein", "ATAC") if _holds(adata, m)]
 
 
 def atlas_species(atlas: Any) -> str | None:

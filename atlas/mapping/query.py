@@ -317,6 +317,45 @@ def map_query(
     [cells, k]) of the coarse neighbours.
     """
     atlas = _as_atlas(atlas)
+    if atlas.layout is None:
+        raise MappingError(f"atlas {atlas.version} has no index shards; rebuild it with index levels")
+    root_shard = atlas.shard(atlas.layout.root.shards[0])
+    model = model if model is not None else atlas.model(device)
+
+    def embed(aligned: Mapping[str, sp.csr_matrix], decode: Mapping[str, str]):
+        return embed_prepared(aligned, model, max_features=max_features_of(atlas.manifest),
+                              batch_size=batch_size, device=device, decode=decode)
+
+    return run_mapping(
+        adata, atlas, root_levels=list(root_shard.labels), root_profiles=list(root_shard.profiles),
+        embed=embed, searcher=searcher if searcher is not None else LocalSearcher(atlas),
+        levels=levels, predict=predict, k_coarse=k_coarse, k_fine=k_fine, thresholds=thresholds,
+        return_neighbors=return_neighbors, predict_method=predict_method, min_fraction=min_fraction,
+    )
+
+
+def run_mapping(
+    adata: Any,
+    atlas: Any,
+    *,
+    root_levels: Sequence[str],
+    root_profiles: Sequence[str],
+    embed: Any,
+    searcher: Searcher,
+    levels: Sequence[str] | None = None,
+    predict: Sequence[str] | None = None,
+    k_coarse: int = 25,
+    k_fine: int = 5,
+    thresholds: str | float | Mapping[str, float] | None = "calibrated",
+    return_neighbors: bool = False,
+    predict_method: str = "knn",
+    min_fraction: float = 0.5,
+    obs_names: Any = None,
+) -> ad.AnnData:
+    """:func:`map_query` with the model and the shards behind callables — the Serve ingress runs
+    this with the encoder deployment as ``embed(aligned, decode) -> (embedding, decoded)`` and a
+    searcher over shard deployments; ``root_levels`` / ``root_profiles`` describe the root shard
+    (label levels it carries, modalities it stores profiles of) so the caller need not load it."""
     layout = atlas.layout
     if layout is None:
         raise MappingError(f"atlas {atlas.version} has no index shards; rebuild it with index levels")
@@ -324,9 +363,7 @@ def map_query(
         raise MappingError("k_coarse and k_fine must be ≥ 1")
     if predict_method not in PREDICT_METHODS:
         raise MappingError(f"predict_method must be one of {list(PREDICT_METHODS)}, got {predict_method!r}")
-    searcher = searcher if searcher is not None else LocalSearcher(atlas)
-    root_shard = atlas.shard(layout.root.shards[0])
-    available = available_levels(layout, list(root_shard.labels))
+    available = available_levels(layout, list(root_levels))
     levels = list(available if levels is None else levels)
     missing_levels = [lv for lv in levels if lv not in available]
     if missing_levels:
@@ -334,18 +371,15 @@ def map_query(
     thresholds = resolve_thresholds(thresholds, atlas.manifest, available)
 
     aligned, has_data, reports = prepare_query(adata, atlas, min_fraction=min_fraction)
-    have = list(reports)
-    knn_targets, decode = plan_predictions(atlas.manifest, list(root_shard.profiles), have, predict, predict_method)
-    model = model if model is not None else atlas.model(device)
-    emb, decoded = embed_prepared(aligned, model, max_features=max_features_of(atlas.manifest),
-                                  batch_size=batch_size, device=device, decode=decode)
+    knn_targets, decode = plan_predictions(atlas.manifest, list(root_profiles), list(reports), predict, predict_method)
+    emb, decoded = embed(aligned, decode)
     labels, coarse = assign_labels(emb, has_data, searcher, layout, levels, k_coarse=k_coarse,
                                    k_fine=k_fine, thresholds=thresholds)
     profiles = predict_profiles(coarse, searcher, knn_targets)
     decoded_frames = {m: pd.DataFrame(v, columns=atlas.vocabulary[m]) for m, v in decoded.items()}
     uns = {"atlas": mapping_uns(atlas.manifest, reports, levels, k_coarse, k_fine, thresholds,
                                 predict_method, int((~has_data).sum()))}
-    return assemble(adata.obs_names, emb, labels, profiles, decoded_frames,
+    return assemble(adata.obs_names if obs_names is None else obs_names, emb, labels, profiles, decoded_frames,
                     coarse if return_neighbors else None, uns)
 
 

@@ -371,6 +371,111 @@ def test_rayservice_if_any():
         assert serve_config.get("applications"), f"{path}: serveConfigV2 has no applications"
 
 
+# ------------------------------------------------------------------------- the Serve app config
+SERVE_CONFIG = REPO / "serve" / "config.yaml"
+
+
+def _rayservices() -> list[tuple[Path, dict, tuple]]:
+    found = _k8s_docs("RayService")
+    assert found, "no RayService under infra/kuberay (the mapping service)"
+    return found
+
+
+def _serve_configs() -> list[tuple[str, dict]]:
+    """(where, parsed Serve config) of serve/config.yaml and of every RayService's serveConfigV2."""
+    out = [("serve/config.yaml", yaml.safe_load(SERVE_CONFIG.read_text()))]
+    out += [(f"{p.name}:serveConfigV2", yaml.safe_load(d["spec"]["serveConfigV2"])) for p, d, _ in _rayservices()]
+    return out
+
+
+def _builder(import_path: str):
+    """The attribute an import_path names, imported the way Serve does (repository root on sys.path)."""
+    import importlib
+
+    module_name, _, attr = import_path.partition(":")
+    assert module_name and attr, f"import_path {import_path!r} is not module:attribute"
+    module_file = REPO / (module_name.replace(".", "/") + ".py")
+    assert module_file.is_file(), f"import_path {import_path!r}: {module_file.relative_to(REPO)} is not in the repository"
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def test_serve_configs_validate_against_serve_and_the_builder():
+    """Each config is a valid Serve config, its import_path names the real builder, and its args:
+    are accepted by the builder's argument class (what Serve validates before building)."""
+    import inspect
+
+    from ray.serve.schema import ServeDeploySchema
+
+    for where, config in _serve_configs():
+        ServeDeploySchema.model_validate(config)
+        for app in config["applications"]:
+            builder = _builder(app["import_path"])
+            assert callable(builder), f"{where}: {app['import_path']} is not callable"
+            (param,) = inspect.signature(builder).parameters.values()
+            assert inspect.isclass(param.annotation), f"{where}: the builder's argument must be annotated with its class"
+            args = param.annotation.model_validate(app.get("args") or {})  # unknown keys are refused
+            assert args.artifact, where
+            env = (app.get("runtime_env") or {})
+            assert set(env) <= RUNTIME_ENV_KEYS, f"{where}: unknown runtime_env keys {set(env) - RUNTIME_ENV_KEYS}"
+
+
+def test_serve_config_yaml_is_for_a_local_checkout():
+    (app,) = yaml.safe_load(SERVE_CONFIG.read_text())["applications"]
+    assert app["import_path"] == "serve.app:build_app"
+    for key in ("artifact", "token_file"):  # relative paths: `serve run` from the repository root
+        assert not PurePosixPath(app["args"][key]).is_absolute(), f"serve/config.yaml: {key} should be relative"
+
+
+def _mounts_everywhere(spec: dict) -> dict[str, dict]:
+    """mountPath → volume of the mounts that the head and every worker group share."""
+    templates = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec.get("workerGroupSpecs") or []]
+    per_pod = []
+    for t in templates:
+        volumes = {v["name"]: v for v in (t.get("spec") or {}).get("volumes") or []}
+        mounts = {}
+        for c in _containers(t):
+            for m in c.get("volumeMounts") or []:
+                volume = {k: v for k, v in volumes[m["name"]].items() if k != "name"}
+                mounts[posixpath.normpath(m["mountPath"])] = volume
+        per_pod.append(mounts)
+    common = set.intersection(*(set(m) for m in per_pod))
+    return {path: per_pod[0][path] for path in common if all(p[path] == per_pod[0][path] for p in per_pod)}
+
+
+def _under(path: str, mounts: dict[str, dict], kind: str) -> bool:
+    norm = PurePosixPath(posixpath.normpath(path))
+    return any(norm.is_relative_to(mp) and kind in volume for mp, volume in mounts.items())
+
+
+def test_rayservice_serves_the_artifact_with_a_token_from_a_secret():
+    for path, doc, docs in _rayservices():
+        config = yaml.safe_load(doc["spec"]["serveConfigV2"])
+        cluster = doc["spec"]["rayClusterConfig"]
+        mounts = _mounts_everywhere(cluster)
+        for app in config["applications"]:
+            assert app["import_path"] == "serve.app:build_app", f"{path.name}: {app['import_path']}"
+            # serve/ lives in the image's WORKDIR: on PYTHONPATH for the build task and the replicas.
+            env_vars = ((app.get("runtime_env") or {}).get("env_vars") or {})
+            assert _dockerfile_workdir() in env_vars.get("PYTHONPATH", "").split(":"), \
+                f"{path.name}: PYTHONPATH must include the image's WORKDIR {_dockerfile_workdir()} (serve/ is there)"
+            args = app["args"]
+            assert _under(args["artifact"], mounts, "persistentVolumeClaim"), \
+                f"{path.name}: artifact {args['artifact']} is not on a volume every pod mounts"
+            claim = [v["persistentVolumeClaim"]["claimName"] for mp, v in mounts.items()
+                     if "persistentVolumeClaim" in v and PurePosixPath(args["artifact"]).is_relative_to(mp)][0]
+            assert _pvc(docs, claim), f"{path.name}: claim {claim} is not defined in the same file"
+            assert args.get("token_file"), f"{path.name}: the service needs a bearer token (token_file)"
+            assert _under(args["token_file"], mounts, "secret"), \
+                f"{path.name}: token_file {args['token_file']} is not in a Secret mounted on every pod"
+            assert not any(d.get("kind") == "Secret" for d in docs), f"{path.name}: keep the token Secret out of git"
+            # An encoder that asks for a GPU needs a worker group that has one.
+            gpus = float(((args.get("encoder") or {}).get("ray_actor_options") or {}).get("num_gpus", 0))
+            if gpus:
+                assert _total_gpus(cluster) >= gpus, f"{path.name}: the encoder wants a GPU, no worker group has one"
+
+
 # ------------------------------------------------------------------------- cluster launcher
 def _launcher_files() -> list[Path]:
     files = [p for p in _yaml_files() if "cluster-launcher" in p.parts]

@@ -206,3 +206,18 @@ def test_calibration_threshold_rejects_about_the_requested_fraction():
     obs, _ = assign_labels(emb, np.ones(600, bool), searcher, layout, ["l1"], exclude=np.arange(600))
     rejected = (obs["l1_confidence"] < out["thresholds"]["l1"]).mean()
     assert rejected <= 0.1 and out["loo_accuracy"]["l1"] > 0.8
+
+
+def test_sparse_obsm_frames_are_read_without_densifying():
+    import anndata as ad
+
+    from atlas.mapping.align import query_matrix, query_modalities
+
+    peaks = sp.random(6, 50, density=0.1, random_state=0, format="csr", dtype=np.float32)
+    peaks.data = np.ceil(peaks.data * 3)
+    adata = ad.AnnData(obs=pd.DataFrame(index=[f"c{i}" for i in range(6)]))
+    adata.obsm["ATAC"] = pd.DataFrame.sparse.from_spmatrix(peaks, index=adata.obs_names,
+                                                           columns=[f"chr1:{i}" for i in range(50)])
+    assert query_modalities(adata) == ["ATAC"]
+    csr, features = query_matrix(adata, "ATAC")
+    assert features[3] == "chr1:3" and (csr != peaks).nnz == 0

@@ -1,0 +1,110 @@
+"""Build the mapping application (``serve run serve/config.yaml``) and run it locally (``atlas serve``).
+
+``build_app(args)`` is the Serve application builder: one index-shard deployment per shard of
+the atlas's layout, the encoder, and the ingress that composes them through handles.
+
+No ``from __future__ import annotations`` here: Ray Serve validates ``args:`` against the
+builder's parameter annotation, which must be the class itself, not a string.
+"""
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Union
+
+from ray.serve import Application
+
+from atlas.service.config import ServiceArgs, local_num_cpus, shard_deployment_names
+
+log = logging.getLogger(__name__)
+
+#: The Serve application's name (``serve status`` shows it).
+APP_NAME = "atlas"
+
+
+def build_app(args: ServiceArgs) -> Application:
+    """The mapping application for ``args`` (a :class:`ServiceArgs` or its dict)."""
+    from atlas.artifact import ArtifactError, read_manifest
+    from atlas.index.shards import ShardLayout
+    from atlas.service.auth import load_tokens
+    from atlas.service.deployments import Encoder, IndexShard
+    from atlas.service.ingress import make_ingress
+
+    if not isinstance(args, ServiceArgs):
+        args = ServiceArgs.model_validate(args)
+    artifact = str(Path(args.artifact).expanduser().resolve())
+    manifest = read_manifest(artifact)  # replicas verify the files they load; fail early on a non-atlas
+    if not manifest.get("shards"):
+        raise ArtifactError(f"atlas {artifact} has no index shards; rebuild it with index levels")
+    if args.token_file:  # check where we can (the ingress re-reads it where it runs)
+        load_tokens(args.token_file, args.token_env)
+    layout = ShardLayout.read((Path(artifact) / manifest["shards"]).parent)
+    names = shard_deployment_names(layout.shard_names())
+
+    shards = {
+        shard: IndexShard.options(name=names[shard], **args.shard_options(shard).serve_options())
+        .bind(artifact, shard, args.shard_use_gpu)
+        for shard in layout.shard_names()
+    }
+    enc = args.encoder_options()
+    encoder = Encoder.options(**enc.serve_options()).bind(
+        artifact, enc.max_batch_size, enc.batch_wait_timeout_s, enc.batch_cells, enc.device)
+    ingress_options = args.ingress_options()
+    settings = {
+        "token_file": str(Path(args.token_file).expanduser().resolve()) if args.token_file else None,
+        "token_env": args.token_env,
+        "allow_anonymous": args.allow_anonymous,
+        "max_request_bytes": args.max_request_bytes,
+        "max_cells_per_request": args.max_cells_per_request,
+        "call_timeout_s": args.call_timeout_s,
+        "retries": args.retries,
+        "retry_after_s": args.retry_after_s,
+        "threads": ingress_options.max_ongoing_requests or 8,
+    }
+    return make_ingress().options(**ingress_options.serve_options()).bind(artifact, encoder, shards, settings)
+
+
+def run_service(args: Union[ServiceArgs, Dict[str, Any]], *, host: str = "127.0.0.1", port: int = 8000,
+                address: Optional[str] = None, blocking: bool = True,
+                log_line: Callable[[str], None] = print) -> Optional[str]:
+    """Start Ray (local unless ``address``), deploy the app on ``host:port``, and block until
+    Ctrl-C, then shut Serve and the local Ray down. With ``blocking=False``, return the URL."""
+    import ray
+    from ray import serve
+
+    from atlas.artifact import read_manifest
+    from atlas.index.shards import ShardLayout
+
+    if not isinstance(args, ServiceArgs):
+        args = ServiceArgs.model_validate(args)
+    started = False
+    if not ray.is_initialized():
+        if address is None:
+            manifest = read_manifest(args.artifact)
+            layout = ShardLayout.read((Path(args.artifact) / (manifest.get("shards") or "shards/layout.json")).parent) \
+                if manifest.get("shards") else None
+            cpus = local_num_cpus(args, layout.shard_names() if layout else [], os.cpu_count() or 1)
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, configure_logging=False,
+                     log_to_driver=False)
+        else:
+            ray.init(address=address, configure_logging=False)
+        started = True
+    app = build_app(args)
+    serve.start(http_options={"host": host, "port": port})
+    log_line(f"deploying the mapping service for {args.artifact} (this takes a little while)…")
+    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    log_line(f"atlas mapping service ready at {url}  (docs: {url}/docs; Ctrl-C stops it)")
+    if not blocking:
+        return url
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        log_line("stopping the mapping service…")
+    finally:
+        serve.shutdown()
+        if started:
+            ray.shutdown()
+    return None

@@ -1,0 +1,115 @@
+"""The encoder and index-shard deployments of the mapping service.
+
+Each loads what it serves once, in ``__init__``, from the artifact opened with
+``verify="lazy"``: the files it reads (the model weights, or its one shard) are hashed against
+the manifest right before they are loaded, so a replica never serves a changed or half-copied
+file, and a shard replica never reads the other shards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+from ray import serve
+
+log = logging.getLogger("ray.serve")
+
+
+@serve.deployment(name="encoder")
+class Encoder:
+    """The frozen model: embeds the prepared cells of several requests at once (``@serve.batch``).
+
+    Requests that arrive together are concatenated into one matrix per modality, embedded by
+    :func:`~atlas.mapping.query.embed_prepared` ``batch_cells`` cells per forward pass, and split
+    back. Runs on the GPU when the replica has one.
+    """
+
+    def __init__(self, artifact: str, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01,
+                 batch_cells: int = 1024, device: str = "auto"):
+        import torch
+
+        from atlas.artifact import load_atlas
+        from atlas.mapping.query import max_features_of
+
+        self.atlas = load_atlas(artifact, verify="lazy")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device
+        self.model = self.atlas.model(device)  # hashes the weights first
+        self.max_features = max_features_of(self.atlas.manifest)
+        self.batch_cells = batch_cells
+        self.embed.set_max_batch_size(max_batch_size)
+        self.embed.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        log.info("encoder for atlas %s on %s", self.atlas.version, device)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def embed(self, items: list[tuple[Mapping[str, sp.csr_matrix], Mapping[str, str]]]
+                    ) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """Per item ``(aligned CSR per modality, {target: source} to decode)`` → ``(embedding, decoded)``."""
+        # Off the event loop: the replica keeps answering health checks while the model runs.
+        return await asyncio.to_thread(self._embed_many, items)
+
+    def _embed_many(self, items: list[tuple[Mapping[str, sp.csr_matrix], Mapping[str, str]]]
+                    ) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        from atlas.mapping.query import embed_prepared
+
+        sizes = [next(iter(aligned.values())).shape[0] for aligned, _ in items]
+        modalities = list(items[0][0])
+        stacked = {m: sp.vstack([aligned[m] for aligned, _ in items], format="csr") for m in modalities}
+        decode: dict[str, str] = {}
+        for _, wanted in items:
+            decode.update(wanted)
+        emb, decoded = embed_prepared(stacked, self.model, max_features=self.max_features,
+                                      batch_size=self.batch_cells, device=self.device, decode=decode)
+        out = []
+        bounds = np.cumsum([0] + sizes)
+        for (_, wanted), start, stop in zip(items, bounds[:-1], bounds[1:]):
+            out.append((emb[start:stop], {m: decoded[m][start:stop] for m in wanted}))
+        return out
+
+
+@serve.deployment(name="shard")
+class IndexShard:
+    """One index shard of the atlas: answers neighbour searches and profile sums for it.
+
+    One deployment per shard of the layout (``coarse`` and every ``fine/...``, or every
+    ``hash/<i>``), so each replica holds one shard in memory and shards scale independently.
+    """
+
+    def __init__(self, artifact: str, shard_name: str, use_gpu: bool = False):
+        from atlas.artifact import load_atlas
+        from atlas.mapping.search import search_shard
+
+        atlas = load_atlas(artifact, verify="lazy")
+        self.version = atlas.version
+        self.shard = atlas.shard(shard_name, use_gpu=None if use_gpu else False)  # hashes its files first
+        # Warm up (imports, faiss) so the first real query does not pay for it.
+        search_shard(self.shard, np.zeros((1, self.shard.index.d), np.float32), 1)
+        log.info("shard %s of atlas %s: %d cells", shard_name, self.version, self.shard.n_cells)
+
+    def search(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None) -> Any:
+        """:func:`~atlas.mapping.search.search_shard` on this shard."""
+        from atlas.mapping.search import search_shard
+
+        return search_shard(self.shard, queries, k, exclude=exclude)
+
+    def profile_sums(self, modality: str, positions: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """:func:`~atlas.mapping.search.shard_profile_sums` on this shard."""
+        from atlas.mapping.search import shard_profile_sums
+
+        return shard_profile_sums(self.shard, modality, positions)
+
+    def describe(self) -> dict[str, Any]:
+        """Levels, label values, profile features and size of this shard."""
+        from atlas.service.pipeline import describe_shard
+
+        return {**describe_shard(self.shard), "atlas_version": self.version}
+
+    def check_health(self) -> None:
+        if self.shard.index.ntotal != self.shard.n_cells:
+            raise RuntimeError(f"shard {self.shard.name}: index holds {self.shard.index.ntotal} of {self.shard.n_cells} cells")

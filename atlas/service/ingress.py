@@ -1,0 +1,295 @@
+"""The HTTP face of the mapping service: a FastAPI app behind a Serve ingress deployment.
+
+Routes: ``POST /v1/map`` (map query cells), ``GET /v1/atlas`` (what the atlas offers),
+``GET /healthz`` (open), ``/docs`` (OpenAPI). Everything except ``/healthz`` and the docs
+needs ``Authorization: Bearer <token>``.
+
+Status codes: 400 malformed body or parameter; 401 missing/wrong token (with
+``WWW-Authenticate``); 413 body or cell count above the limits (the message says the limit and
+how to split); 415 unknown content type; 422 a well-formed query that cannot be mapped (the
+:class:`~atlas.mapping.MappingError` message: unknown genes, non-integer counts, another
+species, unknown level…); 503 + ``Retry-After`` while a replica restarts; 500 only for a bug,
+with a request id and no traceback (the traceback goes to the replica's log).
+
+No ``from __future__ import annotations`` here: FastAPI reads the route annotations at runtime
+(with string annotations a body or query parameter silently changes meaning).
+"""
+
+import asyncio
+import logging
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, Optional
+
+import pandas as pd
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+
+from atlas import __version__
+from atlas.wire import ARROW, CONTENT_TYPES, JSON, NPZ, MapParams
+
+log = logging.getLogger("ray.serve")
+
+_DESCRIPTION = """Map single-cell query cells onto a reference atlas: cell-type labels per level
+with confidences and unknown flags, the atlas embedding, and predicted modalities (e.g. surface
+proteins from RNA). Send **raw counts**; the Python SDK (`atlas.client.AtlasClient`) does it for an
+AnnData, in chunks. Authenticate with `Authorization: Bearer <token>`. Wire format: `atlas.wire`."""
+
+_BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "description": "Raw counts of the query cells per modality, with feature and cell ids "
+                       "(see atlas.wire). Parameters may also go in the body's params.",
+        "content": {
+            ARROW: {"schema": {"type": "string", "format": "binary"}},
+            NPZ: {"schema": {"type": "string", "format": "binary"}},
+            JSON: {"schema": {"type": "object"}, "example": {
+                "cells": ["cell_1", "cell_2"], "features": ["CD3E", "MS4A1", "LYZ"],
+                "counts": [[3, 0, 1], [0, 5, 0]], "params": {"levels": ["cell_type_l1"], "predict": ["protein"]}}},
+        },
+    },
+    "responses": {"200": {"description": "The mapping result in the request's format (or per Accept)",
+                          "content": {ARROW: {}, NPZ: {}, JSON: {}}}},
+}
+
+
+class Problem(Exception):
+    """An HTTP error answered as ``{"detail": message, "request_id": ...}``."""
+
+    def __init__(self, status: int, message: str, headers: Optional[Dict[str, str]] = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+def _problem_response(request: Request, status: int, message: str, headers: Optional[Dict[str, str]] = None):
+    rid = getattr(request.state, "request_id", None)
+    return JSONResponse({"detail": message, "request_id": rid}, status_code=status, headers=headers or {})
+
+
+#: Largest JSON body (JSON is for a few cells; Arrow and npz take up to max_request_bytes).
+JSON_MAX_BYTES = 8 << 20
+
+
+def too_large_message(size: Optional[int], limit: int, hint: str = "") -> str:
+    what = f"{size} bytes" if size is not None else "more than that"
+    return (f"request body too large: {what}; this server accepts at most {limit} bytes per request{hint} "
+            "(max_request_bytes). Split the query into smaller requests, or use atlas.client.AtlasClient, "
+            "which sends large queries in chunks")
+
+
+async def read_body(request: Request, limit: int, hint: str = "") -> bytes:
+    """The body, refused (413) from its Content-Length before reading, and again while reading."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise Problem(400, f"invalid Content-Length {declared!r}") from None
+        if size > limit:
+            raise Problem(413, too_large_message(size, limit, hint))
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:  # a chunked upload, or a Content-Length that lied
+            raise Problem(413, too_large_message(None, limit, hint))
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def install_error_handling(app: FastAPI) -> None:
+    """Request ids, :class:`Problem` answers, and the catch-all: an unexpected exception is
+    logged with its traceback and answered with a short 500 that names the request id."""
+
+    @app.middleware("http")
+    async def request_id_and_catch_all(request: Request, call_next):
+        # Serve's proxy gives every request an id (X-Request-ID, also in the replica's log lines)
+        # and returns it in the response; use the same one, so a user's report finds the log.
+        given = request.headers.get("x-request-id")
+        safe = given is not None and 0 < len(given) <= 64 and all(c.isalnum() or c in "-_." for c in given)
+        request.state.request_id = given if safe else uuid.uuid4().hex
+        try:
+            response = await call_next(request)
+        except Exception:  # noqa: BLE001 - the last line of defence: no traceback leaves the server
+            log.exception("request %s %s %s failed", request.state.request_id, request.method, request.url.path)
+            response = _problem_response(
+                request, 500, f"internal error (request id {request.state.request_id}); the service log has details")
+        if given is None:  # not behind Serve's proxy (which adds the header itself)
+            response.headers["X-Request-ID"] = request.state.request_id
+        return response
+
+    @app.exception_handler(Problem)
+    async def _problem(request: Request, exc: Problem):
+        return _problem_response(request, exc.status, exc.message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        parts = ["/".join(str(x) for x in e.get("loc", ())) + ": " + str(e.get("msg")) for e in exc.errors()]
+        return _problem_response(request, 400, "invalid request: " + "; ".join(parts))
+
+
+def make_ingress():
+    """The ingress deployment class (built here: the FastAPI app must not be a module global)."""
+    app = FastAPI(title="atlas mapping service", version=__version__, description=_DESCRIPTION,
+                  docs_url="/docs", openapi_url="/openapi.json", redoc_url=None)
+    install_error_handling(app)
+
+    @serve.deployment(name="ingress")
+    @serve.ingress(app)
+    class Ingress:
+        """Authenticates, enforces the limits, decodes, maps (encoder + shard deployments), encodes."""
+
+        def __init__(self, artifact: str, encoder: Any, shards: Dict[str, Any], settings: Dict[str, Any]):
+            from atlas.artifact import load_atlas
+            from atlas.service.auth import load_tokens
+            from atlas.service.remote import RetryPolicy, ServeSearcher
+
+            # Lazy: hashes the vocabularies and the layout now, the idf files when first used;
+            # the ingress reads no shard and no weights.
+            self.atlas = load_atlas(artifact, verify="lazy")
+            self.tokens = load_tokens(settings.get("token_file"), settings.get("token_env", "ATLAS_TOKEN"),
+                                      allow_anonymous=bool(settings.get("allow_anonymous")))
+            self.max_bytes = int(settings["max_request_bytes"])
+            self.max_cells = int(settings["max_cells_per_request"])
+            self.policy = RetryPolicy(retries=int(settings.get("retries", 3)),
+                                      timeout_s=float(settings.get("call_timeout_s", 120.0)),
+                                      retry_after_s=int(settings.get("retry_after_s", 5)))
+            self.encoder = encoder
+            self.shards = dict(shards)
+            self.searcher = ServeSearcher(self.shards, self.policy)
+            self.pool = ThreadPoolExecutor(max_workers=int(settings.get("threads", 8)), thread_name_prefix="map")
+            self._pipeline = None
+            self._lock = threading.Lock()
+            log.info("ingress for atlas %s (%d shards, auth %s)", self.atlas.version, len(self.shards),
+                     "off" if self.tokens is None else "on")
+
+        # -- helpers ------------------------------------------------------------------------
+        def _authorize(self, request: Request) -> None:
+            from atlas.service.auth import check_authorization
+
+            problem = check_authorization(request.headers.get("authorization"), self.tokens)
+            if problem is not None:
+                error = "invalid_request" if "missing" in problem else "invalid_token"
+                raise Problem(401, problem, {"WWW-Authenticate": f'Bearer realm="atlas", error="{error}"'})
+
+        def _pipeline_sync(self) -> Any:
+            """The mapping pipeline, built on first use from the root shards' descriptions."""
+            from atlas.service.pipeline import MappingPipeline, root_info
+            from atlas.service.remote import gather
+
+            with self._lock:
+                if self._pipeline is None:
+                    names = list(self.atlas.layout.root.shards)
+                    descriptions = gather(f"index shard(s) {names}",
+                                          [(lambda h=self.shards[n]: h.describe.remote()) for n in names], self.policy)
+                    self._pipeline = MappingPipeline(self.atlas, root_info(descriptions))
+                return self._pipeline
+
+        async def _run(self, fn, *args):
+            from atlas.mapping.align import MappingError
+            from atlas.service.remote import ServiceUnavailable
+            from atlas.wire import TooManyCells, UnsupportedMediaType, WireError
+
+            loop = asyncio.get_running_loop()
+            try:
+                return await loop.run_in_executor(self.pool, fn, *args)
+            except TooManyCells as e:
+                raise Problem(413, str(e)) from None
+            except UnsupportedMediaType as e:
+                raise Problem(415, str(e)) from None
+            except WireError as e:
+                raise Problem(400, str(e)) from None
+            except MappingError as e:
+                raise Problem(422, str(e)) from None
+            except ServiceUnavailable as e:
+                raise Problem(503, str(e), {"Retry-After": str(e.retry_after_s)}) from None
+
+        def _embed(self, aligned, decode):
+            from atlas.service.remote import call
+
+            return call("the encoder", lambda: self.encoder.embed.remote((aligned, dict(decode))), self.policy)
+
+        def _map_sync(self, body: bytes, content_type: str, query: Dict[str, Any], out_type: str) -> bytes:
+            from atlas.wire import decode_request, encode_result, merge_params, result_from_anndata
+
+            payload = decode_request(body, content_type, max_cells=self.max_cells,
+                                     max_decoded_bytes=4 * self.max_bytes)
+            params = merge_params(payload.params, query)
+            pipeline = self._pipeline_sync()
+            result = pipeline.map(payload.to_anndata(), pd.Index(payload.cells), params, self._embed, self.searcher)
+            return encode_result(result_from_anndata(result, payload.cells), out_type)
+
+        def _info_sync(self) -> Dict[str, Any]:
+            from atlas.mapping.query import model_modalities
+
+            pipeline = self._pipeline_sync()
+            manifest = self.atlas.manifest
+            layout = self.atlas.layout
+            calibrated = (manifest.get("mapping") or {}).get("thresholds") or {}
+            return {
+                "atlas_version": self.atlas.version,
+                "created_at": manifest.get("created_at"),
+                "species": manifest.get("species"),
+                "model": {"kind": manifest["model"].get("kind"), "modalities": model_modalities(manifest)},
+                "modalities": {m: {"n_features": len(v)} for m, v in self.atlas.vocabulary.items()},
+                "levels": list(pipeline.levels),
+                "labels": {lv: pipeline.root.labels.get(lv, []) for lv in pipeline.levels},
+                "predictable": pipeline.predictable(),
+                "thresholds": {"calibrated": calibrated},
+                "layout": {"mode": layout.mode, "levels": list(layout.levels), "n_reference_cells": pipeline.root.n_cells,
+                           "nodes": [{"name": n.name, "level": n.level, "group": list(n.group), "n_cells": n.n_cells,
+                                      "shards": list(n.shards)} for n in layout.nodes]},
+                "defaults": MapParams().to_json(),
+                "limits": {"max_request_bytes": self.max_bytes, "max_cells_per_request": self.max_cells,
+                           "max_json_request_bytes": min(self.max_bytes, JSON_MAX_BYTES)},
+                "content_types": list(CONTENT_TYPES),
+            }
+
+        # -- routes -------------------------------------------------------------------------
+        @app.get("/healthz", summary="Liveness (no token needed)")
+        async def healthz(self) -> Dict[str, Any]:
+            return {"status": "ok", "atlas_version": self.atlas.version}
+
+        @app.get("/v1/atlas", summary="What this atlas offers: levels, labels, modalities, thresholds, limits")
+        async def info(self, request: Request) -> Dict[str, Any]:
+            self._authorize(request)
+            return await self._run(self._info_sync)
+
+        @app.post("/v1/map", summary="Map query cells onto the atlas", openapi_extra=_BODY_DOC,
+                  response_class=Response)
+        async def map_cells(
+            self,
+            request: Request,
+            levels: Optional[str] = Query(None, description="Label levels, comma-separated (default: all)"),
+            predict: Optional[str] = Query(None, description="Modalities to predict, comma-separated; 'none' for none "
+                                                             "(default: every one the query lacks)"),
+            predict_method: Optional[str] = Query(None, description="knn (default), decoder or both"),
+            k_coarse: Optional[str] = Query(None, description="Neighbours in the coarse index (default 25)"),
+            k_fine: Optional[str] = Query(None, description="Neighbours in a fine shard (default 5)"),
+            thresholds: Optional[str] = Query(None, description="calibrated (default), none, a number, or a JSON "
+                                                                "object per level"),
+            return_neighbors: Optional[str] = Query(None, description="true: also return the coarse neighbours"),
+            min_fraction: Optional[str] = Query(None, description="Least fraction of the atlas's features the query "
+                                                                  "must have (default 0.5)"),
+        ) -> Response:
+            from atlas.wire import choose_response_type, media_type, params_from_query
+
+            self._authorize(request)
+            content_type = media_type(request.headers.get("content-type"))
+            if content_type not in CONTENT_TYPES:
+                raise Problem(415, f"unsupported content type {content_type or '(none)'!r}; send one of "
+                                   f"{list(CONTENT_TYPES)} (see atlas.wire)")
+            # JSON is for a few cells: parsed into Python objects it takes ~20x its size.
+            limit = min(self.max_bytes, JSON_MAX_BYTES) if content_type == JSON else self.max_bytes
+            body = await read_body(request, limit, hint="" if limit == self.max_bytes else
+                                   f" (JSON bodies; send {ARROW} or {NPZ} for more cells)")
+            query = await self._run(params_from_query, list(request.query_params.multi_items()))
+            out_type = choose_response_type(content_type, request.headers.get("accept"))
+            content = await self._run(self._map_sync, body, content_type, query, out_type)
+            return Response(content, media_type=out_type)
+
+    return Ingress
