@@ -1,7 +1,9 @@
 """The demo tour (`make demo` / `atlas demo`): real cells → store → a build submitted with
-``ray job submit`` to a local Ray head → the atlas artifact, summarised.
+``ray job submit`` to a local Ray head → the atlas artifact → the Ray Serve mapping service on
+the same head → the held-out query mapped through :class:`atlas.client.AtlasClient`, summarised.
 
-It starts a local Ray head of its own and stops it at the end, whatever happens in between.
+It starts a local Ray head of its own and stops it (and the service) at the end, whatever
+happens in between.
 """
 
 from __future__ import annotations
@@ -45,11 +47,12 @@ def run_demo(out: Path, *, epochs: int = 2, num_workers: int = 2) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
-    _say(f"1/4 ingest the 80% reference split of {PBMC10K} (real 10x CITE-seq PBMCs) into {store}")
+    _say(f"1/5 ingest the 80% reference split of {PBMC10K} (real 10x CITE-seq PBMCs) into {store}")
     from atlas.store.ingest import ingest
 
     adata = ad.read_h5ad(source)
     reference = np.random.default_rng(0).random(adata.n_obs) < 0.8
+    query = adata[~reference].copy()
     summary = ingest(
         store, adata[reference].copy(), dataset_id="pbmc10k_reference",
         obsm_modalities={"protein": "protein_counts"},
@@ -72,19 +75,100 @@ def run_demo(out: Path, *, epochs: int = 2, num_workers: int = 2) -> Path:
     }
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
 
-    _say("2/4 start a local Ray head (its own process group and temp dir; stopped at the end)")
+    _say("2/5 start a local Ray head (its own process group and temp dir; stopped at the end)")
     with local_head(num_cpus=max(os.cpu_count() or 1, num_workers + 2), log=out / "ray-head.log") as head:
         print(f"   dashboard {head.dashboard_url}")
-        _say(f"3/4 ray job submit -- python jobs/build_atlas.py --config {config_path}")
+        _say(f"3/5 ray job submit -- python jobs/build_atlas.py --config {config_path}")
+        t = time.perf_counter()
         submit_job(head, REPO, ["python", "jobs/build_atlas.py", "--config", str(config_path)])
-    print("   the local Ray head is stopped")
+        build_seconds = time.perf_counter() - t
+        _print_summary(artifact)
+        _say("4/5 serve the atlas with Ray Serve on the same head (bearer token in "
+             f"{out / 'serve_token'})")
+        mapped, timings = _serve_and_map(head, artifact, out, query)
+    print("   the mapping service and the local Ray head are stopped")
 
-    _say("4/4 the atlas")
-    _print_summary(artifact, time.perf_counter() - started)
+    _say("5/5 the held-out query, mapped through the service")
+    timings = {"build (ray job)": build_seconds, **timings}
+    _print_mapping(query, mapped, timings, time.perf_counter() - started)
+    result = out / "query_mapped.h5ad"
+    mapped.write_h5ad(result)
+    print(f"artifact: {artifact}\nmapped query: {result}")
     return artifact
 
 
-def _print_summary(artifact: Path, seconds: float) -> None:
+def _serve_and_map(head, artifact: Path, out: Path, query) -> tuple:
+    """Deploy the mapping app on the head, map the RNA of ``query`` with the SDK, stop the app."""
+    import secrets
+
+    # Token authentication of the head (Ray 2.60 `ray start --head`): Ray reads these when it is
+    # first imported, so set them before.
+    saved = {k: os.environ.get(k) for k in head.env if k.startswith("RAY_")}
+    os.environ.update({k: v for k, v in head.env.items() if k.startswith("RAY_")})
+    import ray
+    from ray import serve
+
+    from atlas.client import AtlasClient
+    from atlas.local_cluster import free_port
+    from atlas.service.app import run_service
+    from atlas.service.config import ServiceArgs
+
+    token_file = out / "serve_token"
+    token = secrets.token_urlsafe(24)
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    rna_only = query.copy()
+    del rna_only.obsm["protein_counts"]  # the query is RNA-only: its proteins are predicted
+    timings = {}
+    try:
+        t = time.perf_counter()
+        url = run_service(ServiceArgs(artifact=str(artifact), token_file=str(token_file)),
+                          address=head.gcs_address, port=free_port(), blocking=False,
+                          log_line=lambda line: print(f"   {line}"))
+        timings["service start"] = time.perf_counter() - t
+        with AtlasClient(url, token=token) as client:
+            info = client.info()
+            print(f"   GET /v1/atlas: atlas {info.get('atlas_version')}, levels {info.get('levels')}")
+            t = time.perf_counter()
+            mapped = client.map(rna_only, levels=["cell_type_l1", "cell_type_l2"], predict=["protein"])
+            timings[f"map {query.n_obs:,} cells (SDK → HTTP)"] = time.perf_counter() - t
+    finally:
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return mapped, timings
+
+
+def _print_mapping(query, mapped, timings: dict, seconds: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from atlas.evaluate.baselines import log_normalise_frame
+    from atlas.evaluate.metrics import feature_pearson, label_transfer
+
+    console = Console()
+    table = Table("level", "cells with a label", "accuracy", "macro-F1", "unknown", "accuracy (accepted)",
+                  title=f"{query.n_obs:,} held-out cells (RNA only) mapped onto the atlas")
+    for level in ("cell_type_l1", "cell_type_l2"):
+        r = label_transfer(query.obs[level].astype(str), mapped.obs[f"{level}_pred"])
+        table.add_row(level, f"{r.n_cells:,}", f"{r.accuracy:.3f}", f"{r.macro_f1:.3f}",
+                      f"{r.unknown_fraction:.1%}", f"{r.accuracy_accepted:.3f}")
+    console.print(table)
+    proteins = feature_pearson(mapped.obsm["protein_pred"], log_normalise_frame(query.obsm["protein_counts"]))
+    best, worst = proteins.per_feature.idxmax(), proteins.per_feature.idxmin()
+    console.print(f"protein prediction from RNA ({len(proteins.per_feature)} proteins, Pearson r vs measured): "
+                  f"median {proteins.median:.3f}, best {best} {proteins.per_feature[best]:.3f}, "
+                  f"worst {worst} {proteins.per_feature[worst]:.3f}")
+    console.print("timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
+                  + f"; demo wall time {seconds:.0f} s")
+
+
+def _print_summary(artifact: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -105,5 +189,7 @@ def _print_summary(artifact: Path, seconds: float) -> None:
     vocabulary = ", ".join(f"{k} {v['n_features']}" for k, v in m["vocabulary"].items())
     console.print(f"atlas [bold]{atlas.version}[/bold]: {m['metrics']['cells']:,} reference cells, "
                   f"model {m['model']['kind']}, vocabulary {vocabulary}")
-    console.print(f"stages: {stages}; demo wall time {seconds:.0f} s")
-    console.print(f"artifact: {artifact}\nstore:    {m['store']['uri']}")
+    console.print(f"build stages: {stages}")
+    thresholds = (m.get("mapping") or {}).get("thresholds") or {}
+    if thresholds:
+        console.print("calibrated unknown thresholds: " + ", ".join(f"{k} {v:.3f}" for k, v in thresholds.items()))

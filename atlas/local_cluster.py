@@ -35,7 +35,7 @@ class LocalHead:
     """Environment for Ray CLI calls against this head (token auth on, this venv first on PATH)."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -59,14 +59,14 @@ def ray_cli() -> str:
 def local_head(num_cpus: int, timeout: float = 120.0, log: Path | None = None) -> Iterator[LocalHead]:
     """Start ``ray start --head --block`` in its own process group; stop it on exit."""
     temp_dir = tempfile.mkdtemp(prefix="atlas-ray-", dir="/tmp")  # short: Unix socket paths are limited
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_port(), free_port()
     env = ray_cli_env()
     out = open(log, "w") if log else subprocess.DEVNULL
     process = subprocess.Popen(
         [ray_cli(), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dashboard}",
          "--dashboard-host=127.0.0.1", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}",
          # Fixed default ports (agent 52365, client 10001) collide with any other local Ray.
-         f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
+         f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
          "--disable-usage-stats"],
         env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
     )
