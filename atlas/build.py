@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from atlas.data.reader import open_experiment
 from atlas.embed import embed_dataset, iter_embeddings
 from atlas.index.shards import build_hierarchy
 from atlas.models.config import config_to_dict
+from atlas.staging import staged_output
 from atlas.store.embeddings import write_embedding
 from atlas.store.versions import current_version, is_store
 from atlas.train.config import BuildConfig
@@ -178,9 +178,7 @@ def build_atlas(build: BuildConfig, *, resume: bool = False, overwrite: bool = F
     levels = list(build.index.levels)
     obs = _obs_columns(uri, joinids, ["dataset_id", *levels])
     profiles = _profiles(build, uri, joinids, plan.domain_names) if build.index.profiles else None
-    staging = output.parent / f".{output.name}.staging-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
-    try:
+    with staged_output(output) as staging:
         layout = build_hierarchy(
             embeddings, joinids, {lv: obs[lv].to_numpy() for lv in levels}, levels, profiles,
             obs["dataset_id"].to_numpy(), index_kind=build.index.kind, exact_below=build.index.exact_below,
@@ -211,12 +209,6 @@ def build_atlas(build: BuildConfig, *, resume: bool = False, overwrite: bool = F
             species=_species(uri, modalities),
             idf={m: v for m, v in plan.idf.items() if m in modalities},
         )
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     summary = BuildSummary(
         artifact=str(output), atlas_version=manifest["atlas_version"], cells=int(joinids.size),
         store_version=version.version if version else None, seconds=seconds,

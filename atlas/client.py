@@ -70,15 +70,20 @@ class AtlasClient:
         retries: How many times a request is retried when the service is restarting a replica
             (503) or unreachable, waiting longer each time (``backoff_s`` · 2^attempt, or the
             server's ``Retry-After``).
+        concurrency: Chunks of one query in flight at once (the service embeds concurrent
+            requests in one batch); memory holds at most this many chunks' bodies.
     """
 
     def __init__(self, url: str, token: str | None = None, *, timeout: float = 300.0,
                  max_cells_per_request: int = 2000, retries: int = 5, backoff_s: float = 1.0,
-                 content_type: str = ARROW, verify_tls: bool = True):
+                 content_type: str = ARROW, verify_tls: bool = True, concurrency: int = 4):
         import httpx
 
         if max_cells_per_request < 1:
             raise ValueError("max_cells_per_request must be ≥ 1")
+        if concurrency < 1:
+            raise ValueError("concurrency must be ≥ 1")
+        self.concurrency = concurrency
         self.url = url.rstrip("/")
         token = token if token is not None else os.environ.get(TOKEN_ENV) or None
         headers = {"User-Agent": "atlas-client"}
@@ -198,11 +203,18 @@ class AtlasClient:
         per_request = min(self.max_cells_per_request, int(limits.get("max_cells_per_request") or n))
         max_bytes = int(limits.get("max_request_bytes") or 0) or None
 
-        parts = []
+        ranges = [(start, min(start + per_request, n)) for start in range(0, n, per_request)]
         with _progress(progress, n) as advance:
-            for start in range(0, n, per_request):
-                stop = min(start + per_request, n)
-                parts.extend(self._map_range(adata, start, stop, modalities, params, max_bytes, advance))
+            if self.concurrency == 1 or len(ranges) == 1:
+                chunks = [self._map_range(adata, a, b, modalities, params, max_bytes, advance) for a, b in ranges]
+            else:
+                from concurrent.futures import ThreadPoolExecutor
+
+                # Each thread slices and encodes its own chunk: only `concurrency` bodies exist at once.
+                with ThreadPoolExecutor(min(self.concurrency, len(ranges)), thread_name_prefix="atlas-map") as pool:
+                    chunks = list(pool.map(
+                        lambda r: self._map_range(adata, r[0], r[1], modalities, params, max_bytes, advance), ranges))
+        parts = [part for chunk in chunks for part in chunk]
         return result_to_anndata(concat_results(parts), obs_names=adata.obs_names)
 
     def _map_range(self, adata: Any, start: int, stop: int, modalities: list[str], params: dict[str, Any],

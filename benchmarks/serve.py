@@ -1,0 +1,231 @@
+"""Mapping service throughput and latency, next to in-process mapping and PCA + kNN in the same run.
+
+    python benchmarks/serve.py [--artifact DIR] [--seconds 60] [--clients 8] [--request-cells 1000]
+
+What it measures (results printed and written to benchmarks/out/serve.{md,json}):
+
+1. **Service under load**: ``--clients`` threads, each an :class:`atlas.client.AtlasClient`, send
+   ``--request-cells``-cell queries (real pbmc10k query cells resampled with replacement, RNA
+   only, protein predicted) for ``--seconds`` s against a local Ray Serve app on the artifact:
+   cells/s, requests/s, p50/p99 latency per request, peak memory of all Ray processes.
+2. **One 10k-cell query end to end through the SDK** (chunked HTTP requests; the paper's anchor is
+   10k cells in 8 s on a GPU).
+3. **Peers, same cells, same process**: ``atlas.map_query`` in one process (what a user without
+   the service runs), and the Seurat/Azimuth-style PCA + kNN baseline
+   (:class:`atlas.evaluate.baselines.PcaKnnBaseline`) fitted on the same 80% reference.
+
+The artifact defaults to the pbmc10k atlas ``benchmarks/mapping_quality.py`` builds (80%
+reference, seed 0); its held-out 20% are the query cells. Fixed replicas (no autoscaling: on two
+cores new replicas steal the CPUs the running ones need).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import sys
+import threading
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import psutil
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+PBMC10K = "pbmc10k_10x_cite_totalvi_rna4000hvg_adt14_labelled.h5ad"
+LEVELS = ["cell_type_l1", "cell_type_l2"]
+
+
+def _data_dir() -> Path:
+    return Path(os.environ.get("ATLAS_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
+
+
+def _ray_memory_gib() -> float:
+    """RSS of this process and every process it started (the local Ray: raylet, workers, Serve)."""
+    me = psutil.Process()
+    total = 0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total / 2**30
+
+
+class PeakMemory(threading.Thread):
+    def __init__(self, every: float = 1.0):
+        super().__init__(daemon=True)
+        self.every, self.peak, self.stop = every, 0.0, threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.peak = max(self.peak, _ray_memory_gib())
+            self.stop.wait(self.every)
+
+
+def _split(source: Path) -> tuple[ad.AnnData, ad.AnnData]:
+    """The demo's and mapping_quality's split: 80% reference, 20% query (seed 0)."""
+    adata = ad.read_h5ad(source)
+    reference = np.random.default_rng(0).random(adata.n_obs) < 0.8
+    return adata[reference].copy(), adata[~reference].copy()
+
+
+def _resample(query: ad.AnnData, n: int, seed: int) -> ad.AnnData:
+    rows = np.random.default_rng(seed).integers(0, query.n_obs, n)
+    out = query[rows].copy()
+    out.obs_names = [f"q{seed}_{i}" for i in range(n)]
+    out.obsm.clear()  # RNA only: proteins are predicted
+    return out
+
+
+def _load(url: str, token: str, clients: int, seconds: float, request_cells: int,
+          pool: list[ad.AnnData]) -> dict:
+    from atlas.client import AtlasClient
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    deadline = time.perf_counter() + seconds
+
+    def worker(i: int) -> None:
+        with AtlasClient(url, token=token, max_cells_per_request=request_cells) as client:
+            j = i
+            while time.perf_counter() < deadline:
+                t = time.perf_counter()
+                try:
+                    client.map(pool[j % len(pool)], predict=["protein"], progress=False)
+                except Exception as e:  # noqa: BLE001 — counted and reported, the run goes on
+                    with lock:
+                        errors.append(f"{type(e).__name__}: {e}"[:200])
+                    continue
+                with lock:
+                    latencies.append(time.perf_counter() - t)
+                j += clients
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    lat = np.array(latencies)
+    return {
+        "clients": clients, "seconds": elapsed, "requests": int(lat.size), "errors": len(errors),
+        "error_examples": errors[:3], "cells_per_s": lat.size * request_cells / elapsed,
+        "requests_per_s": lat.size / elapsed,
+        "p50_s": float(np.percentile(lat, 50)) if lat.size else None,
+        "p99_s": float(np.percentile(lat, 99)) if lat.size else None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--artifact", type=Path,
+                        default=HERE / "out" / "mapping_quality" / "artifacts" / "reference")
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--request-cells", type=int, default=1000)
+    parser.add_argument("--big-query", type=int, default=10_000)
+    parser.add_argument("--out", type=Path, default=HERE / "out")
+    args = parser.parse_args()
+    if not (args.artifact / "manifest.json").is_file():
+        sys.exit(f"no atlas at {args.artifact}: run `python benchmarks/mapping_quality.py` first "
+                 "(it builds the pbmc10k reference atlas) or pass --artifact")
+
+    import ray
+    from ray import serve
+
+    from atlas import load_atlas, map_query
+    from atlas.client import AtlasClient
+    from atlas.evaluate.baselines import PcaKnnBaseline
+    from atlas.local_cluster import free_port
+    from atlas.service.app import run_service
+    from atlas.service.config import ServiceArgs
+
+    reference, query = _split(_data_dir() / PBMC10K)
+    pool = [_resample(query, args.request_cells, seed) for seed in range(16)]
+    big = _resample(query, args.big_query, 1000)
+    results: dict = {"artifact": str(args.artifact), "cpu_count": os.cpu_count(),
+                     "load_average_start": os.getloadavg()[0], "request_cells": args.request_cells}
+
+    # Peers first, in this process, before Ray takes the CPUs.
+    atlas = load_atlas(args.artifact)
+    model = atlas.model()
+    map_query(pool[0][:100], atlas, predict=["protein"], model=model)  # warm (shard loads, threads)
+    t = time.perf_counter()
+    map_query(big, atlas, predict=["protein"], model=model)
+    results["in_process_10k_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    baseline = PcaKnnBaseline().fit(reference, LEVELS, profiles={"protein": "protein_counts"})
+    results["pca_knn_fit_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    baseline.map(big)
+    results["pca_knn_10k_s"] = time.perf_counter() - t
+    del baseline, model
+
+    token_file = args.out / "serve-bench-token"
+    token = secrets.token_urlsafe(24)
+    args.out.mkdir(parents=True, exist_ok=True)
+    token_file.write_text(token + "\n")
+    t = time.perf_counter()
+    url = run_service(ServiceArgs(artifact=str(args.artifact), token_file=str(token_file)),
+                      port=free_port(), blocking=False, log_line=lambda line: print(f"[serve] {line}"))
+    results["service_start_s"] = time.perf_counter() - t
+    memory = PeakMemory()
+    memory.start()
+    try:
+        with AtlasClient(url, token=token) as client:
+            client.map(pool[0][:100], predict=["protein"], progress=False)  # warm every deployment
+            t = time.perf_counter()
+            client.map(big, predict=["protein"], progress=False)
+            results["sdk_10k_s"] = time.perf_counter() - t
+        for clients in sorted({1, args.clients}):
+            print(f"[bench] {clients} client(s) × {args.request_cells}-cell requests for {args.seconds:.0f} s")
+            results[f"load_{clients}"] = _load(url, token, clients, args.seconds, args.request_cells, pool)
+    finally:
+        memory.stop.set()
+        memory.join()
+        results["peak_memory_gib"] = memory.peak
+        results["load_average_end"] = os.getloadavg()[0]
+        serve.shutdown()
+        ray.shutdown()
+
+    table = _table(results, args)
+    print(table)
+    (args.out / "serve.md").write_text(table + "\n")
+    (args.out / "serve.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _table(r: dict, args: argparse.Namespace) -> str:
+    n = args.big_query
+    rows = [
+        "| what | cells/s | p50 | p99 | notes |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
+    for key in sorted(k for k in r if k.startswith("load_") and k != "load_average_start" and k != "load_average_end"):
+        x = r[key]
+        rows.append(f"| service, {x['clients']} client(s) × {args.request_cells:,}-cell requests, "
+                    f"{x['seconds']:.0f} s | {x['cells_per_s']:,.0f} | {x['p50_s']:.2f} s | {x['p99_s']:.2f} s | "
+                    f"{x['requests']} requests, {x['errors']} errors |")
+    rows += [
+        f"| service, one {n:,}-cell query through the SDK | {n / r['sdk_10k_s']:,.0f} | — | — | "
+        f"{r['sdk_10k_s']:.1f} s end to end (paper: 10k cells in 8 s on a GPU) |",
+        f"| peer: `atlas.map_query` in one process, {n:,} cells | {n / r['in_process_10k_s']:,.0f} | — | — | "
+        f"{r['in_process_10k_s']:.1f} s, no HTTP |",
+        f"| peer: PCA + kNN (Azimuth-style), {n:,} cells | {n / r['pca_knn_10k_s']:,.0f} | — | — | "
+        f"{r['pca_knn_10k_s']:.1f} s (+ {r['pca_knn_fit_s']:.1f} s fit on the reference) |",
+    ]
+    rows.append(f"\nPeak memory of the local Ray (all processes, RSS): {r['peak_memory_gib']:.2f} GiB; "
+                f"service start {r['service_start_s']:.0f} s; {r['cpu_count']} CPUs, load average "
+                f"{r['load_average_start']:.1f} at the start, {r['load_average_end']:.1f} at the end.")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()
