@@ -1,0 +1,593 @@
+"""Map a query too large for one process onto an atlas with Ray Data, without the service.
+
+::
+
+    query (.h5ad / AnnData-zarr / atlas store)
+      │  read tasks: each reads its own block of rows (atlas.mapping.query_source)
+      ▼
+    map_batches over an actor pool: each actor loads the atlas once (model + shards) and runs
+      │  atlas.mapping.map_query on every block — the very code the SDK and the service run
+      ▼
+    write_parquet: OUTPUT/cells/*.parquet, one row per cell, written by the workers
+
+Ray Data fuses the read into the actor operator (``ReadAtlasQuery->MapBatches(BlockMapper)``),
+so an actor reads the block it maps, with no copy through the object store; the written rows
+(embedding, labels, predictions) are much smaller than the counts they come from.
+
+The driver reads only shapes and ids up front and, at the end, the label columns of the
+written files (streamed, to count labels); it never holds the query or the results, so the
+query's size is bounded by the disk, not by memory. Every worker holds a few blocks.
+
+Output folder (assembled beside ``output`` and renamed into place only when complete)::
+
+    OUTPUT/cells/*.parquet   row (int64, position in the query), cell_id (string),
+                             {level}_pred (string, "unknown" when rejected), {level}_confidence
+                             (float32), {level}_unknown (bool), X_atlas (fixed-size list<float32>,
+                             the embedding), {modality}_pred (fixed-size list<float32>, one value
+                             per feature of features.json) — pandas: pd.read_parquet("OUTPUT/cells")
+    OUTPUT/features.json     {"protein_pred": [feature ids, in list order], ...}
+    OUTPUT/summary.json      cells, seconds, cells/s, per-level label counts and unknown
+                             fractions, the atlas version, alignment report, parameters
+
+:func:`read_mapping` reads the folder back as the AnnData :func:`~atlas.mapping.map_query`
+returns (cells in query order).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+from ray.data import Datasource, ReadTask
+from ray.data.block import BlockMetadata
+
+from atlas.errors import AtlasError
+from atlas.mapping.align import MappingError
+from atlas.mapping.query_source import (
+    QueryBlock,
+    QuerySource,
+    block_schema,
+    block_to_anndata,
+    open_query,
+    plan_query_blocks,
+    read_query_block,
+)
+from atlas.staging import staged_output
+
+CELLS_DIR = "cells"
+SUMMARY = "summary.json"
+FEATURES = "features.json"
+EMBEDDING = "X_atlas"
+_FEATURES_KEY = b"atlas.features"
+_PREFLIGHT_CELLS = 256
+
+
+@dataclass(frozen=True)
+class MappingOptions:
+    """What every mapping actor passes to :func:`~atlas.mapping.map_query` (see its docstring)."""
+
+    levels: tuple[str, ...] | None = None
+    """Label levels to vote (None: every level of the atlas)."""
+    predict: tuple[str, ...] | None = None
+    """Modalities to predict (None: every one the atlas can predict that the query lacks)."""
+    predict_method: str = "knn"
+    k_coarse: int = 25
+    k_fine: int = 5
+    thresholds: Any = "calibrated"
+    min_fraction: float = 0.5
+    batch_size: int = 1024
+    """Cells per forward pass of the model inside a block."""
+
+
+@dataclass
+class OfflineSummary:
+    """What :func:`map_offline` wrote (also ``OUTPUT/summary.json``)."""
+
+    output: str
+    query: str
+    atlas_version: str
+    cells: int
+    seconds: float
+    """Wall time of the whole call, the start of Ray's workers included."""
+    cells_per_s: float
+    blocks: int
+    block_cells: int
+    actors: int
+    levels: dict[str, dict[str, Any]]
+    """level → ``labels`` ({label: cells}, most frequent first) and ``unknown_fraction``."""
+    predicted: dict[str, int] = field(default_factory=dict)
+    """obsm key → number of features (``protein_pred``: 14)."""
+    atlas: dict[str, Any] = field(default_factory=dict)
+    """What ``uns["atlas"]`` of :func:`~atlas.mapping.map_query` holds (no ``n_no_data``)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Data pieces
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_task(source: QuerySource, block: QueryBlock) -> list[pa.Table]:
+    return [read_query_block(source, block)]
+
+
+class QueryDatasource(Datasource):
+    """One Ray Data read task per block of rows of a query (each reads only its rows)."""
+
+    def __init__(self, source: QuerySource, blocks: Sequence[QueryBlock]):
+        super().__init__()
+        self._source = source
+        self._blocks = list(blocks)
+
+    def get_name(self) -> str:
+        return "AtlasQuery"
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context: Any = None) -> list[ReadTask]:
+        schema = block_schema(self._source)
+        return [
+            ReadTask(
+                # Each task carries the small source description and its own block only.
+                functools.partial(_read_task, self._source, block),
+                BlockMetadata(num_rows=block.n_cells, size_bytes=None, input_files=None, exec_stats=None),
+                schema=schema,
+                per_task_row_limit=per_task_row_limit,
+            )
+            for block in self._blocks
+        ]
+
+
+def result_table(result: Any, rows: Any) -> pa.Table:
+    """One mapped block (the AnnData of :func:`map_query`) as Arrow rows; feature names of the
+    predicted modalities ride along in the schema metadata."""
+    columns: dict[str, Any] = {
+        "row": pa.array(np.asarray(rows, dtype=np.int64)),
+        "cell_id": pa.array([str(x) for x in result.obs_names], type=pa.string()),
+    }
+    for name in result.obs.columns:
+        values = result.obs[name]
+        if name.endswith("_unknown"):
+            columns[name] = pa.array(values.to_numpy(dtype=bool))
+        elif name.endswith("_confidence"):
+            columns[name] = pa.array(values.to_numpy(dtype=np.float32))
+        else:
+            columns[name] = pa.array(values.astype(str).tolist(), type=pa.string())
+    features = {}
+    for key, value in result.obsm.items():
+        if key == EMBEDDING:
+            columns[key] = _fixed_list(np.asarray(value, dtype=np.float32))
+        elif isinstance(value, pd.DataFrame):
+            columns[key] = _fixed_list(value.to_numpy(dtype=np.float32))
+            features[key] = [str(c) for c in value.columns]
+    table = pa.table(columns)
+    return table.replace_schema_metadata({_FEATURES_KEY: json.dumps(features).encode()})
+
+
+def _fixed_list(matrix: np.ndarray) -> pa.FixedSizeListArray:
+    matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), int(matrix.shape[1]))
+
+
+class BlockMapper:
+    """A Ray Data actor: loads the atlas (model, shards) once, then maps block after block."""
+
+    def __init__(self, atlas_dir: str, features: dict[str, list[str]], options: MappingOptions,
+                 use_gpu: bool = False, progress: Any = None):
+        import torch
+
+        from atlas.artifact import load_atlas
+        from atlas.mapping.search import LocalSearcher
+
+        self.atlas = load_atlas(atlas_dir, verify="lazy")
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.model = self.atlas.model(self.device)
+        shard_kwargs = {"use_gpu": True} if self.device == "cuda" else {}
+        self.searcher = LocalSearcher(self.atlas, **shard_kwargs)
+        self.features = features
+        self.options = options
+        self.progress = progress
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        from atlas.mapping.query import map_query
+
+        o = self.options
+        result = map_query(
+            block_to_anndata(table, self.features), self.atlas,
+            levels=list(o.levels) if o.levels is not None else None,
+            predict=list(o.predict) if o.predict is not None else None,
+            k_coarse=o.k_coarse, k_fine=o.k_fine, thresholds=o.thresholds,
+            predict_method=o.predict_method, min_fraction=o.min_fraction, batch_size=o.batch_size,
+            device=self.device, searcher=self.searcher, model=self.model,
+        )
+        if self.progress is not None:
+            self.progress.add.remote(table.num_rows)  # fire and forget: progress only
+        return result_table(result, table.column("row").to_numpy())
+
+
+@ray.remote(num_cpus=0)
+class _CellCounter:
+    """Cells mapped so far, for the driver's progress bar (approximate if a block is retried)."""
+
+    def __init__(self) -> None:
+        self.cells = 0
+
+    def add(self, n: int) -> None:
+        self.cells += int(n)
+
+    def get(self) -> int:
+        return self.cells
+
+
+def mapping_dataset(source: QuerySource, blocks: Sequence[QueryBlock], atlas_dir: str | Path,
+                    options: MappingOptions, *, actors: int = 1, cpus_per_actor: float = 1.0,
+                    use_gpu: bool = False, progress: Any = None) -> ray.data.Dataset:
+    """The lazy Ray Data pipeline: read tasks over ``blocks`` → mapping actor pool."""
+    return ray.data.read_datasource(QueryDatasource(source, blocks), override_num_blocks=len(blocks)).map_batches(
+        BlockMapper,
+        fn_constructor_kwargs={"atlas_dir": str(Path(atlas_dir).resolve()), "features": source.features,
+                               "options": options, "use_gpu": use_gpu, "progress": progress},
+        batch_size=None,  # one read block = one call: a worker holds a few blocks, never more
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=cpus_per_actor,
+        num_gpus=1 if use_gpu else 0,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+# ---------------------------------------------------------------------------------------------
+
+
+def init_ray(actors: int, cpus_per_actor: float = 1.0) -> None:
+    """Join the cluster in ``RAY_ADDRESS`` (a submitted job), or start a local Ray with a
+    logical CPU per actor plus room for the read tasks."""
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        need = int(np.ceil(actors * cpus_per_actor)) + 2
+        ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False)
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    if output.exists():
+        if output.is_file():
+            raise MappingError(f"output {output} is a file; the offline mapper writes a folder — choose another path")
+        if any(output.iterdir()) and not overwrite:
+            raise MappingError(f"output {output} already exists; choose another folder or pass --overwrite "
+                               "(overwrite=True) to replace it")
+
+
+def _preflight(source: QuerySource, blocks: list[QueryBlock], atlas: Any, options: MappingOptions
+               ) -> tuple[dict[str, Any], list[str] | None, Any]:
+    """Fail fast, before any worker starts, on what a user must fix: the query's features,
+    species and counts (checked on its first cells), levels, thresholds and options.
+    Returns ``(alignment reports, resolved levels or None, resolved thresholds)``."""
+    from atlas.mapping.query import PREDICT_METHODS, prepare_query, resolve_thresholds
+
+    if atlas.layout is None:
+        raise MappingError(f"atlas {atlas.version} has no index shards; rebuild it with index levels")
+    if options.k_coarse < 1 or options.k_fine < 1:
+        raise MappingError("k_coarse and k_fine must be ≥ 1")
+    if options.predict_method not in PREDICT_METHODS:
+        raise MappingError(f"predict_method must be one of {list(PREDICT_METHODS)}, got {options.predict_method!r}")
+    first = blocks[0]
+    head = QueryBlock(first.start, min(first.stop, first.start + _PREFLIGHT_CELLS),
+                      None if first.joinids is None else first.joinids[:_PREFLIGHT_CELLS])
+    _, _, reports = prepare_query(block_to_anndata(read_query_block(source, head), source.features), atlas,
+                                  min_fraction=options.min_fraction)
+    levels = None
+    if atlas.layout.mode == "hierarchy":  # hash layouts name their levels in the shards: actors check
+        available = list(atlas.layout.levels)
+        levels = list(available if options.levels is None else options.levels)
+        missing = [lv for lv in levels if lv not in available]
+        if missing:
+            raise MappingError(f"atlas {atlas.version} has no label level(s) {missing}; it has {available}")
+    else:
+        available = list(options.levels or [])
+        if isinstance(options.thresholds, Mapping):
+            available += list(options.thresholds)
+    thresholds = resolve_thresholds(options.thresholds, atlas.manifest, available)
+    return reports, levels, thresholds
+
+
+def _atlas_error(err: BaseException) -> str | None:
+    """The message of the user-facing error a worker raised, found in Ray's wrapping of it
+    (``RayTaskError(MappingError)`` whose ``cause`` is the worker's own exception)."""
+    seen = set()
+    stack = [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, AtlasError) and not isinstance(e, ray.exceptions.RayTaskError):
+            # Ray Data appends its retry advice to the message: not the user's business here.
+            return str(e).split("\nFailed to apply UDF transform")[0]
+        stack += [e.__context__, e.__cause__, getattr(e, "cause", None)]
+    return None
+
+
+class _Progress:
+    """A rich progress bar on a terminal, a log line every ~10 % otherwise (job logs)."""
+
+    def __init__(self, total: int, log: Callable[[str], None]):
+        self.total, self.log = total, log
+        self.counter = _CellCounter.remote()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._start = time.perf_counter()
+
+    def __enter__(self) -> _Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the bar and the counter actor (idempotent)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        if self.counter is not None:
+            ray.kill(self.counter)
+            self.counter = None
+
+    def _run(self) -> None:
+        if sys.stdout.isatty():
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            with Progress(TextColumn("[bold]map"), BarColumn(), MofNCompleteColumn(), TextColumn("cells"),
+                          TimeElapsedColumn(), TimeRemainingColumn()) as bar:
+                task = bar.add_task("map", total=self.total)
+                while not self._stop.wait(1.0):
+                    bar.update(task, completed=min(self._cells(), self.total))
+                bar.update(task, completed=min(self._cells(), self.total))
+            return
+        step, next_report = max(self.total // 10, 1), max(self.total // 10, 1)
+        while not self._stop.wait(2.0):
+            done = self._cells()
+            if done >= next_report:
+                elapsed = time.perf_counter() - self._start
+                self.log(f"[map] {done:,}/{self.total:,} cells ({done / self.total:.0%}), "
+                         f"{done / max(elapsed, 1e-9):,.0f} cells/s")
+                next_report = (done // step + 1) * step
+
+    def _cells(self) -> int:
+        try:
+            return int(ray.get(self.counter.get.remote(), timeout=10))
+        except Exception:  # noqa: BLE001 - progress must never fail the run
+            return 0
+
+
+def map_offline(
+    query: str | os.PathLike,
+    atlas_dir: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    levels: Sequence[str] | None = None,
+    predict: Sequence[str] | None = None,
+    predict_method: str = "knn",
+    k_coarse: int = 25,
+    k_fine: int = 5,
+    thresholds: str | float | Mapping[str, float] | None = "calibrated",
+    min_fraction: float = 0.5,
+    block_cells: int = 8192,
+    actors: int = 1,
+    cpus_per_actor: float = 1.0,
+    batch_size: int = 1024,
+    use_gpu: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> OfflineSummary:
+    """Map every cell of a query file onto an atlas with Ray Data; write Parquet + a summary.
+
+    ``query``: an ``.h5ad`` file, an AnnData-zarr folder or an atlas store (see
+    :mod:`atlas.mapping.query_source`); it is read ``block_cells`` cells per read task and never
+    loaded whole. ``actors`` mapping actors (each ``cpus_per_actor`` CPUs, or a GPU with
+    ``use_gpu``) each load the atlas once and run :func:`~atlas.mapping.map_query` on one block
+    at a time with the options given here (same meaning as there). Results go to
+    ``output/cells/*.parquet`` (see the module docstring); read them back with
+    :func:`read_mapping`. Ray is started locally unless already initialised or ``RAY_ADDRESS``
+    names a cluster (then ``output`` must be on storage every node shares).
+
+    Raises :class:`MappingError` (an :class:`~atlas.errors.AtlasError`) for a missing or
+    unreadable query, a query the atlas cannot map, bad options, or an ``output`` that exists
+    (unless ``overwrite``); the atlas's own errors are :class:`~atlas.artifact.ArtifactError`.
+    """
+    from atlas.artifact import load_atlas
+    from atlas.mapping.query import model_modalities
+
+    started = time.perf_counter()
+    output = Path(output)
+    _check_output(output, overwrite)
+    if actors < 1:
+        raise MappingError(f"actors must be ≥ 1, got {actors}")
+    atlas = load_atlas(atlas_dir, verify="lazy")
+    modalities = model_modalities(atlas.manifest)
+    source = open_query(query, modalities)
+    if not source.matrices:
+        raise MappingError(f"query {query} holds none of the modalities the atlas model uses ({modalities}); "
+                           "put RNA counts in X (or layers['counts']) and other modalities in obsm as DataFrames")
+    if source.n_cells == 0:
+        raise MappingError(f"query {query} has no cells")
+    options = MappingOptions(
+        levels=tuple(levels) if levels is not None else None, predict=tuple(predict) if predict is not None else None,
+        predict_method=predict_method, k_coarse=k_coarse, k_fine=k_fine, thresholds=thresholds,
+        min_fraction=min_fraction, batch_size=batch_size)
+    blocks = plan_query_blocks(source, block_cells)
+    reports, resolved_levels, resolved_thresholds = _preflight(source, blocks, atlas, options)
+    log(f"[map] query {query} ({source.format}): {source.n_cells:,} cells in {len(blocks)} blocks of "
+        f"≤ {block_cells:,}; atlas {atlas.version}; {actors} actor(s)"
+        + (" on GPU" if use_gpu else f" × {cpus_per_actor:g} CPU"))
+
+    if not ray.is_initialized():
+        init_ray(actors, cpus_per_actor)
+    context = ray.data.DataContext.get_current()
+    before = (context.enable_progress_bars, context.raise_original_map_exception)
+    context.enable_progress_bars = False  # ours counts cells; Ray's per-operator bars would interleave
+    # A worker's MappingError must reach the caller as one (not as a bare UserCodeException).
+    context.raise_original_map_exception = True
+
+    with staged_output(output) as staging:
+        tracker = _Progress(source.n_cells, log) if progress else None
+        try:
+            ds = mapping_dataset(source, blocks, atlas_dir, options, actors=actors, cpus_per_actor=cpus_per_actor,
+                                 use_gpu=use_gpu, progress=tracker.counter if tracker else None)
+            with tracker if tracker else contextlib.nullcontext():
+                ds.write_parquet(str((staging / CELLS_DIR).resolve()))
+        except Exception as err:
+            user_error = _atlas_error(err)
+            if user_error is not None:
+                raise MappingError(f"mapping failed in a worker: {user_error}") from err
+            raise
+        finally:
+            context.enable_progress_bars, context.raise_original_map_exception = before
+            if tracker:
+                tracker.close()
+        features = _features_of(staging / CELLS_DIR)
+        (staging / FEATURES).write_text(json.dumps(features, indent=1) + "\n")
+        cells, level_counts = count_labels(staging / CELLS_DIR)
+        if cells != source.n_cells:
+            raise RuntimeError(f"wrote {cells:,} cells for a query of {source.n_cells:,}; the output is incomplete")
+        seconds = time.perf_counter() - started
+        summary = OfflineSummary(
+            output=str(output), query=str(query), atlas_version=atlas.version, cells=cells,
+            seconds=round(seconds, 3), cells_per_s=round(cells / seconds, 1), blocks=len(blocks),
+            block_cells=block_cells, actors=actors, levels=level_counts,
+            predicted={k: len(v) for k, v in features.items()},
+            atlas={"version": atlas.version, "alignment": reports,
+                   "levels": resolved_levels if resolved_levels is not None else sorted(level_counts),
+                   "k_coarse": k_coarse, "k_fine": k_fine,
+                   "thresholds": dict(resolved_thresholds) if isinstance(resolved_thresholds, Mapping)
+                   else resolved_thresholds,
+                   "predict_method": predict_method},
+        )
+        (staging / SUMMARY).write_text(json.dumps(summary.to_dict(), indent=1, default=_json_default) + "\n")
+    log(format_summary(summary))
+    return summary
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+def _parquet_files(folder: Path) -> list[Path]:
+    files = sorted(p for p in Path(folder).glob("*.parquet"))
+    if not files:
+        raise MappingError(f"{folder} holds no Parquet files; is it the output of map_offline?")
+    return files
+
+
+def _features_of(folder: Path) -> dict[str, list[str]]:
+    metadata = pq.read_schema(_parquet_files(folder)[0]).metadata or {}
+    return json.loads(metadata.get(_FEATURES_KEY, b"{}"))
+
+
+def count_labels(folder: str | os.PathLike) -> tuple[int, dict[str, dict[str, Any]]]:
+    """``(cells, {level: {"labels": {label: cells}, "unknown_fraction": f}})`` of written results,
+    streamed file by file over the label columns only."""
+    files = _parquet_files(Path(folder))
+    schema = pq.read_schema(files[0])
+    levels = [n[: -len("_unknown")] for n in schema.names if n.endswith("_unknown")]
+    columns = [c for lv in levels for c in (f"{lv}_pred", f"{lv}_unknown")] or ["row"]
+    labels = {lv: Counter() for lv in levels}
+    unknown = Counter()
+    cells = 0
+    for path in files:
+        for batch in pq.ParquetFile(path).iter_batches(columns=columns, batch_size=65536):
+            cells += batch.num_rows
+            for lv in levels:
+                for item in pc.value_counts(batch.column(f"{lv}_pred")).to_pylist():
+                    labels[lv][item["values"]] += item["counts"]
+                unknown[lv] += int(pc.sum(batch.column(f"{lv}_unknown").cast(pa.int64())).as_py() or 0)
+    return cells, {lv: {"labels": dict(labels[lv].most_common()),
+                        "unknown_fraction": round(unknown[lv] / max(cells, 1), 6)} for lv in levels}
+
+
+def format_summary(summary: OfflineSummary, top: int = 5) -> str:
+    lines = [f"[map] {summary.cells:,} cells mapped onto atlas {summary.atlas_version} in {summary.seconds:.1f} s "
+             f"({summary.cells_per_s:,.0f} cells/s) -> {summary.output}"]
+    for level, info in summary.levels.items():
+        shown = ", ".join(f"{k} {v:,}" for k, v in list(info["labels"].items())[:top])
+        lines.append(f"[map]   {level}: unknown {info['unknown_fraction']:.1%}; {shown}")
+    if summary.predicted:
+        lines.append("[map]   predicted: " + ", ".join(f"{k} ({n} features)" for k, n in summary.predicted.items()))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading results back
+# ---------------------------------------------------------------------------------------------
+
+
+def _matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    n = len(column)
+    flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return flat.reshape(n, flat.size // n if n else 0)
+
+
+def read_mapping(output: str | os.PathLike) -> Any:
+    """The results of :func:`map_offline` as the AnnData :func:`~atlas.mapping.map_query`
+    returns: cells in query order, ``obs`` labels/confidences/unknown flags, ``obsm["X_atlas"]``,
+    ``obsm[f"{m}_pred"]`` DataFrames named by feature, ``uns["atlas"]`` from the summary.
+    Loads everything into memory: for very large outputs read ``OUTPUT/cells`` with pyarrow
+    or pandas column by column instead."""
+    import anndata as ad
+
+    root = Path(output)
+    if not (root / CELLS_DIR).is_dir():
+        raise MappingError(f"{root} is not an offline mapping output (no {CELLS_DIR}/ folder)")
+    table = pa.concat_tables(pq.read_table(p) for p in _parquet_files(root / CELLS_DIR)).sort_by("row")
+    features_path = root / FEATURES
+    features = json.loads(features_path.read_text()) if features_path.exists() else _features_of(root / CELLS_DIR)
+    index = pd.Index(table.column("cell_id").to_pylist(), dtype=str)
+    obs = pd.DataFrame(index=index)
+    for name in table.column_names:
+        if name.endswith(("_pred", "_confidence", "_unknown")) and name not in features:
+            values = table.column(name).to_numpy(zero_copy_only=False)
+            if name.endswith("_pred"):
+                values = values.astype(str)
+            obs[name] = values
+    result = ad.AnnData(obs=obs)
+    result.obsm[EMBEDDING] = _matrix(table.column(EMBEDDING))
+    for key, names in features.items():
+        result.obsm[key] = pd.DataFrame(_matrix(table.column(key)), index=index, columns=list(names))
+    summary_path = root / SUMMARY
+    if summary_path.exists():
+        result.uns["atlas"] = json.loads(summary_path.read_text()).get("atlas", {})
+    return result
