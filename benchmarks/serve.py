@@ -132,6 +132,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--request-cells", type=int, default=1000)
     parser.add_argument("--big-query", type=int, default=10_000)
+    parser.add_argument("--encoder-cpus", type=float, default=None,
+                        help="CPUs (torch threads) of the encoder replica (default: ServiceArgs' default)")
     parser.add_argument("--out", type=Path, default=HERE / "out")
     args = parser.parse_args()
     if not (args.artifact / "manifest.json").is_file():
@@ -174,7 +176,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     token_file.write_text(token + "\n")
     t = time.perf_counter()
-    url = run_service(ServiceArgs(artifact=str(args.artifact), token_file=str(token_file)),
+    service = {"artifact": str(args.artifact), "token_file": str(token_file)}
+    if args.encoder_cpus is not None:
+        service["encoder"] = {"ray_actor_options": {"num_cpus": args.encoder_cpus}}
+    results["encoder_cpus"] = args.encoder_cpus
+    url = run_service(ServiceArgs.model_validate(service),
                       port=free_port(), blocking=False, log_line=lambda line: print(f"[serve] {line}"))
     results["service_start_s"] = time.perf_counter() - t
     memory = PeakMemory()
@@ -198,8 +204,9 @@ def main() -> None:
 
     table = _table(results, args)
     print(table)
-    (args.out / "serve.md").write_text(table + "\n")
-    (args.out / "serve.json").write_text(json.dumps(results, indent=2) + "\n")
+    suffix = "" if args.encoder_cpus is None else f"_encoder{args.encoder_cpus:g}"
+    (args.out / f"serve{suffix}.md").write_text(table + "\n")
+    (args.out / f"serve{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
 def _table(r: dict, args: argparse.Namespace) -> str:

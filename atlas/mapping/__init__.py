@@ -6,6 +6,9 @@ coarse-to-fine over the index shards, and predict the modalities it lacks.
 * :mod:`atlas.mapping.vote` — similarity-weighted kNN vote and neighbour-mean profiles (numpy).
 * :mod:`atlas.mapping.search` — shard search and merging behind a searcher (local or Serve).
 * :mod:`atlas.mapping.query` — :func:`map_query`, used by the offline path and the service.
+* :mod:`atlas.mapping.calibrate` — unknown-rejection thresholds calibrated at build time.
+* :mod:`atlas.mapping.offline` / :mod:`atlas.mapping.query_source` — millions of cells with Ray
+  Data (``jobs/map_query.py``); not imported here, so ``import atlas.mapping`` needs no Ray.
 """
 
 from importlib import import_module

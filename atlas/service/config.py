@@ -84,7 +84,9 @@ def _ingress_default() -> DeploymentOptions:
 
 
 def _encoder_default() -> EncoderOptions:
-    return EncoderOptions(num_replicas=1, max_ongoing_requests=16, ray_actor_options={"num_cpus": 1})
+    # Ray gives an actor as many torch threads as CPUs: the model is the costly step (two CPUs
+    # embed 10k cells in 6.6 s vs 8.4 s with one on the benchmark machine; benchmarks/serve.py).
+    return EncoderOptions(num_replicas=1, max_ongoing_requests=16, ray_actor_options={"num_cpus": 2})
 
 
 def _shards_default() -> dict[str, DeploymentOptions]:
