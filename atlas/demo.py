@@ -76,7 +76,9 @@ def run_demo(out: Path, *, epochs: int = 2, num_workers: int = 2) -> Path:
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
 
     _say("2/5 start a local Ray head (its own process group and temp dir; stopped at the end)")
-    with local_head(num_cpus=max(os.cpu_count() or 1, num_workers + 2), log=out / "ray-head.log") as head:
+    # Logical CPUs, not cores: the build's workers and read tasks, then the service's ingress,
+    # encoder (2) and one replica per shard must all fit, and they take turns on the cores.
+    with local_head(num_cpus=max(os.cpu_count() or 1, num_workers + 2, 8), log=out / "ray-head.log") as head:
         print(f"   dashboard {head.dashboard_url}")
         _say(f"3/5 ray job submit -- python jobs/build_atlas.py --config {config_path}")
         t = time.perf_counter()
