@@ -341,6 +341,60 @@ def map_cells(
 
 @app.command()
 @user_errors
+def evaluate(
+    mapped: Annotated[Path, typer.Argument(help="A mapped result (.h5ad) written by `atlas map`.")],
+    query: Annotated[Path, typer.Argument(help="The query (.h5ad) that was mapped, with true labels in obs.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for report.md, metrics.json and figures.")],
+    levels: Annotated[str | None, typer.Option(
+        help="Label levels, comma-separated (default: every predicted level the query has labels for).")] = None,
+    atlas_dir: Annotated[Path | None, typer.Option(
+        "--atlas", help="The artifact folder mapped onto: adds its loss curve and thresholds.")] = None,
+    batch_key: Annotated[str | None, typer.Option(help="Query obs column with each cell's batch (UMAP by batch).")] = None,
+    protein_key: Annotated[str, typer.Option(help="Query obsm key with measured protein counts.")] = "protein_counts",
+) -> None:
+    """Score MAPPED against QUERY's true labels (and measured proteins) and write a report folder."""
+    for path, what in ((mapped, "mapped result"), (query, "query")):
+        if not path.is_file():
+            raise FileNotFoundError(f"{what} file {path} not found")
+    if atlas_dir is not None and not (atlas_dir / "manifest.json").is_file():
+        raise FileNotFoundError(f"--atlas {atlas_dir}: no manifest.json there (not an atlas artifact folder)")
+    import anndata as ad
+    import pandas as pd
+
+    from atlas.evaluate.report import write_report
+
+    out = ad.read_h5ad(mapped)
+    q = ad.read_h5ad(query)
+    m_ids, q_ids = pd.Index(out.obs_names.astype(str)), pd.Index(q.obs_names.astype(str))
+    if len(m_ids) != len(q_ids) or len(m_ids.difference(q_ids)):
+        missing = m_ids.difference(q_ids)
+        example = f" (e.g. {missing[0]!r} is not in the query)" if len(missing) else ""
+        raise fail(f"cell ids differ: {mapped} has {len(m_ids)} cells, {query} has {len(q_ids)}, "
+                   f"{len(missing)} mapped cells missing from the query{example}; give the query that was mapped")
+    names = _names(levels) if levels is not None else None
+    for level in names or []:
+        if f"{level}_pred" not in out.obs.columns:
+            raise fail(f"--levels {level}: {mapped} has no '{level}_pred' column")
+        if level not in q.obs.columns:
+            raise fail(f"--levels {level}: {query} has no obs column '{level}' with true labels")
+    if batch_key is not None and batch_key not in q.obs.columns:
+        raise fail(f"--batch-key {batch_key}: {query} has no such obs column")
+    manifest = None
+    if atlas_dir is not None:
+        from atlas.artifact import read_manifest
+
+        manifest = read_manifest(atlas_dir)
+    report = write_report(out, q, output, levels=names, batch_key=batch_key, protein_key=protein_key,
+                          manifest=manifest, title=f"Mapping report: {mapped.name}")
+    metrics = json.loads((output / "metrics.json").read_text(encoding="utf-8"))
+    summary = ", ".join(f"{lv} accuracy {m['accuracy']:.3f}" for lv, m in metrics["levels"].items())
+    if metrics.get("protein") and metrics["protein"].get("mean") is not None:
+        summary += f", protein mean r {metrics['protein']['mean']:.3f}"
+    typer.echo(f"evaluated {out.n_obs} cells ({summary}); wrote {report}")
+
+
+@app.command()
+@user_errors
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo's store, artifact and logs.")] = Path("demo_out"),
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 2,

@@ -95,7 +95,12 @@ def run_demo(out: Path, *, epochs: int = 2, num_workers: int = 2) -> Path:
     _print_mapping(query, mapped, timings, time.perf_counter() - started)
     result = out / "query_mapped.h5ad"
     mapped.write_h5ad(result)
-    print(f"artifact: {artifact}\nmapped query: {result}")
+    from atlas.artifact import read_manifest
+    from atlas.evaluate.report import write_report
+
+    report = write_report(mapped, query, out / "report", levels=["cell_type_l1", "cell_type_l2"],
+                          manifest=read_manifest(artifact), title="Demo: pbmc10k held-out cells mapped through the service")
+    print(f"artifact: {artifact}\nmapped query: {result}\nreport (UMAP, confusion matrices, proteins, loss): {report}")
     return artifact
 
 

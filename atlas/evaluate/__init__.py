@@ -4,6 +4,8 @@
   unseen-type rejection (AUROC) and missing-modality prediction (per-feature Pearson r); numpy
   and scikit-learn only, no Ray.
 * :mod:`atlas.evaluate.baselines` — PCA + cosine kNN on the same features (Seurat/Azimuth-style).
+* :mod:`atlas.evaluate.report` — :func:`write_report`: the metrics as ``report.md``, ``metrics.json``
+  and figures (``atlas evaluate`` on the command line).
 
 ``benchmarks/mapping_quality.py`` runs both against an atlas on the pbmc10k split.
 """
@@ -16,6 +18,7 @@ from atlas.evaluate.metrics import (
     label_transfer,
     rejection_auroc,
 )
+from atlas.evaluate.report import write_report
 
 __all__ = [
     "UNKNOWN",
@@ -24,4 +27,5 @@ __all__ = [
     "feature_pearson",
     "label_transfer",
     "rejection_auroc",
+    "write_report",
 ]
