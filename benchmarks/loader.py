@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -103,43 +101,12 @@ def run_peer(store: str, batch_size: int, epochs: int, modality: str, workers: i
 
 
 # ----------------------------------------------------------------------------- measurement
-def _tree_pss(proc) -> int:
-    import psutil
-
-    total = 0
-    for p in [proc, *proc.children(recursive=True)]:
-        try:
-            total += p.memory_full_info().pss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return total
-
-
 def measure(args: list[str]) -> dict:
-    """Run one loader in a subprocess; sample its process tree's PSS every 0.5 s (reading smaps
-    costs CPU, more for Ray's many processes, so the sampling is kept sparse)."""
-    import psutil
+    """Run one loader in a subprocess, sampling its process tree's PSS (benchmarks/measure.py)."""
+    from measure import run_measured
 
-    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
-    ps = psutil.Process(proc.pid)
-    peak = 0
-    done = threading.Event()
-
-    def sample():
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, _tree_pss(ps))
-            time.sleep(0.5)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    out, _ = proc.communicate()
-    done.set()
-    thread.join()
-    if proc.returncode != 0:
-        raise RuntimeError(f"loader run {args} failed with exit code {proc.returncode}")
-    epochs = json.loads(out.strip().splitlines()[-1])
-    return {"epochs": epochs, "peak_pss_mb": peak / 2**20}
+    epochs, sampled = run_measured(__file__, args)
+    return {"epochs": epochs, "peak_pss_mb": sampled["peak_pss_mb"]}
 
 
 def main() -> None:

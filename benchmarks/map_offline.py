@@ -30,9 +30,7 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -160,50 +158,12 @@ def run_peer(query: str, atlas_dir: str, output: str, chunk: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- measurement
-def _pss(proc) -> tuple[int, int]:
-    """(sum, max) PSS over a process and its descendants."""
-    import psutil
-
-    total = largest = 0
-    for p in [proc, *proc.children(recursive=True)]:
-        try:
-            pss = p.memory_full_info().pss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        total += pss
-        largest = max(largest, pss)
-    return total, largest
-
-
 def measure(args: list[str]) -> dict:
-    """Run one setting in a subprocess, sampling its process tree's PSS every 0.5 s."""
-    import psutil
+    """Run one setting in a subprocess, sampling its process tree's PSS (benchmarks/measure.py)."""
+    from measure import run_measured
 
-    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
-    ps = psutil.Process(proc.pid)
-    peak = largest = 0
-    loads: list[float] = []
-    done = threading.Event()
-
-    def sample():
-        nonlocal peak, largest
-        while not done.is_set():
-            total, big = _pss(ps)
-            peak, largest = max(peak, total), max(largest, big)
-            loads.append(os.getloadavg()[0])
-            time.sleep(0.5)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    out, _ = proc.communicate()
-    done.set()
-    thread.join()
-    if proc.returncode != 0:
-        raise RuntimeError(f"run {args} failed with exit code {proc.returncode}")
-    result = json.loads(out.strip().splitlines()[-1])
-    # The machine's 1-min load average during the run: other users' work slows every setting.
-    return {**result, "peak_pss_mb": peak / 2**20, "largest_process_mb": largest / 2**20,
-            "mean_load": float(np.mean(loads)) if loads else float("nan")}
+    result, sampled = run_measured(__file__, args)
+    return {**result, **sampled}
 
 
 def agreement(ours_dir: Path, peer_h5ad: Path) -> float:
