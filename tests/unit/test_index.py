@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from atlas.index import TorchFlatIndex, build_index, index_kind, load_index, merge_topk, save_index, search
-from atlas.index.faiss_index import gpu_available, ivf_nlist
+from atlas.index.faiss_index import _want_gpu, ivf_nlist
 
 faiss.omp_set_num_threads(2)
 
@@ -125,12 +125,11 @@ def test_merge_topk_equals_search_over_the_union():
     np.testing.assert_allclose(sims, want_sims, atol=1e-6)
 
 
-@pytest.mark.skipif(gpu_available(), reason="needs a machine without a GPU")
+@pytest.mark.skipif(
+    _want_gpu(None) is not None,
+    reason="asserts the error a machine without any GPU gives for use_gpu=True; where faiss or "
+           "torch sees a GPU, a GPU index is built instead",
+)
 def test_use_gpu_true_without_gpu_is_a_clear_error():
-    pytest.importorskip("torch")
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("torch sees a GPU")
     with pytest.raises(RuntimeError, match="no GPU"):
         build_index(np.ones((3, 2), np.float32), use_gpu=True)
