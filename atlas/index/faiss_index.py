@@ -309,10 +309,15 @@ def merge_topk(
     """
     if not results:
         raise ValueError("nothing to merge")
-    sims = np.concatenate([s for s, _ in results], axis=1)
+    order = topk_order([s for s, _ in results], k)
     pos = np.concatenate([p for _, p in results], axis=1)
     src = np.concatenate([np.full(p.shape, i, np.int64) for i, (_, p) in enumerate(results)], axis=1)
-    k = min(k, sims.shape[1])
-    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
     take = lambda a: np.take_along_axis(a, order, axis=1)  # noqa: E731
-    return take(sims), take(pos), take(src)
+    return take(np.concatenate([s for s, _ in results], axis=1)), take(pos), take(src)
+
+
+def topk_order(similarities: list[np.ndarray], k: int) -> np.ndarray:
+    """Columns of the side-by-side concatenation of per-shard ``[m, k_i]`` similarities that
+    form the merged top-``k`` (best first; ties keep shard order, then rank)."""
+    sims = np.concatenate(similarities, axis=1)
+    return np.argsort(-sims, axis=1, kind="stable")[:, : min(k, sims.shape[1])]

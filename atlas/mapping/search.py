@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from atlas.index.faiss_index import search
+from atlas.index.faiss_index import search, topk_order
 from atlas.mapping.vote import mean_profile
 
 
@@ -100,8 +100,7 @@ def merge_hits(parts: Sequence[Hits], k: int) -> Hits:
     """One top-``k`` from the hits of the same queries in several shards (in the given order)."""
     if len(parts) == 1:
         return parts[0]
-    # Same ordering as faiss_index.merge_topk: best first, ties by shard order then rank.
-    order = np.argsort(-np.concatenate([p.similarity for p in parts], axis=1), axis=1, kind="stable")[:, :k]
+    order = topk_order([p.similarity for p in parts], k)  # the ordering of faiss_index.merge_topk
 
     def take(arrays: list[np.ndarray]) -> np.ndarray:
         return np.take_along_axis(np.concatenate(arrays, axis=1), order, axis=1)
