@@ -24,7 +24,7 @@ import scipy.sparse as sp
 import torch
 
 from atlas.artifact import write_manifest
-from atlas.data.collate import list_column_csr
+from atlas.data.arrow import list_column_csr
 from atlas.data.dataset import build_plan, make_dataset, vocabulary_sizes
 from atlas.data.plan import ReadPlan
 from atlas.data.reader import open_experiment

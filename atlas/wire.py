@@ -443,19 +443,17 @@ def _arrow_meta(table: Any, key: bytes) -> dict[str, Any]:
 
 
 def _list_parts(table: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets from 0, flat values) of a list column."""
+    """(offsets from 0, flat values) of a list column, after checking it is one without nulls."""
     import pyarrow as pa
 
-    column = table.column(name).combine_chunks() if table.num_rows else table.column(name)
-    if isinstance(column, pa.ChunkedArray):  # empty table
-        column = pa.concat_arrays(column.chunks) if column.num_chunks else pa.array([], column.type)
+    from atlas.data.arrow import list_column_csr
+
+    column = table.column(name)
     if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
         raise WireError(f"column {name!r} must be a list column, got {column.type}")
     if column.null_count:
         raise WireError(f"column {name!r} has null rows; send an empty list for a cell without counts")
-    offsets = column.offsets.to_numpy().astype(np.int64)
-    values = column.flatten().to_numpy(zero_copy_only=False)
-    return offsets - offsets[0], values
+    return list_column_csr(column)
 
 
 def _arrow_decode_request(body: bytes, max_cells: int | None, max_decoded_bytes: int | None) -> QueryPayload:

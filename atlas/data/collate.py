@@ -6,16 +6,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from atlas.data.arrow import list_column_csr
 from atlas.data.batches import modality_keys, pad_rows
-
-
-def list_column_csr(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Offsets (starting at 0) and flat values of a list column, zero-copy where Arrow allows."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    offsets = column.offsets.to_numpy()
-    flat = column.flatten().to_numpy(zero_copy_only=False)
-    return (offsets - offsets[0]).astype(np.int64), flat
 
 
 def table_to_batch(table: pa.Table, modalities: tuple[str, ...]) -> dict[str, torch.Tensor]:

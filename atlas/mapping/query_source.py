@@ -367,7 +367,7 @@ def _read_soma_block(source: QuerySource, block: QueryBlock) -> tuple[np.ndarray
 
 def block_csr(table: pa.Table, modality: str, n_features: int) -> sp.csr_matrix:
     """The ``modality`` counts of a block as a CSR (cells × the source's features)."""
-    from atlas.data.collate import list_column_csr
+    from atlas.data.arrow import list_column_csr
 
     indptr, indices = list_column_csr(table.column(f"{modality}_indices"))
     _, data = list_column_csr(table.column(f"{modality}_data"))
