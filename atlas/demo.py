@@ -15,10 +15,9 @@ from pathlib import Path
 
 import yaml
 
-from atlas.errors import AtlasError
+from atlas.demo_data import PBMC10K, demo_cache_dir, demo_dataset
 from atlas.local_cluster import local_head, submit_job
 
-PBMC10K = "pbmc10k_10x_cite_totalvi_rna4000hvg_adt14_labelled.h5ad"
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -35,11 +34,9 @@ def run_demo(out: Path, *, epochs: int = 2, num_workers: int = 2) -> Path:
     import anndata as ad
     import numpy as np
 
-    source = shared_data_dir() / PBMC10K
-    if not source.exists():
-        raise AtlasError(
-            f"the demo's dataset {source} is not there: set ATLAS_SHARED_DATA to the folder holding {PBMC10K}"
-        )
+    # The shared file when there is one; else the same dataset rebuilt from its public sources
+    # (downloaded once into the cache, checked against the shared file's content fingerprint).
+    source = demo_dataset(shared_data_dir(), demo_cache_dir(), say=_say)
     out = out.resolve()
     store, artifact, config_path = out / "store", out / "artifact", out / "build.yaml"
     for path in (store, artifact, out / "runs"):
