@@ -127,7 +127,9 @@ class PcaKnnBaseline:
         self.mean_ = dense.mean(axis=0)
         std = dense.std(axis=0, ddof=1) if dense.shape[0] > 1 else np.zeros(dense.shape[1], np.float32)
         self.std_ = np.where(std > 0, std, 1.0).astype(np.float32)  # constant genes: centred only
-        self.pca_ = PCA(n_components=min(cfg.n_comps, *dense.shape), svd_solver="arpack",
+        n_comps = min(cfg.n_comps, *dense.shape)
+        # arpack needs fewer components than features (a 9-antibody panel asks for all 9): full SVD then.
+        self.pca_ = PCA(n_components=n_comps, svd_solver="arpack" if n_comps < min(dense.shape) else "full",
                         random_state=cfg.seed)
         coords = self.pca_.fit_transform(self._scale(dense))
         self.reference_pca_ = coords.astype(np.float32)

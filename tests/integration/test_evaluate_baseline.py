@@ -121,3 +121,15 @@ def test_unseen_type_rejection_on_real_cells(split, tiny_atlas):
     assert not (mapped.obs["cell_type_l1_pred"] == "CD8 T").any()  # a removed type is never predicted
     auroc = rejection_auroc(unseen[labelled], mapped.obs["cell_type_l1_confidence"].to_numpy()[labelled])
     assert 0.0 <= auroc <= 1.0
+
+
+def test_baseline_on_a_panel_narrower_than_its_pca(dataset):
+    """A 9-antibody panel: PCA keeps all 9 components (full SVD; arpack cannot) and still maps."""
+    full = ad.read_h5ad(dataset("adtnorm_13studies_adt9_422k.h5ad"))
+    cells = full[np.random.default_rng(0).choice(full.n_obs, 2000, replace=False)].copy()
+    reference, query = cells[:1500].copy(), cells[1500:].copy()
+    baseline = PcaKnnBaseline().fit(reference, ["cell_type_l1"], unlabeled=("undefined",))
+    assert baseline.pca_.n_components_ == 9
+    mapped = baseline.map(query)
+    result = label_transfer(query.obs["cell_type_l1"].astype(str), mapped.obs["cell_type_l1_pred"], ignore=("undefined",))
+    assert result.accuracy > 0.7  # gated protein labels on their own antibodies: well above chance (~0.3)
