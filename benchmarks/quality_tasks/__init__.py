@@ -1,0 +1,1 @@
+"""The tasks of ``benchmarks/quality.py``: one module per dataset, shared peers and scoring."""
