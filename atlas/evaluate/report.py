@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from atlas.evaluate.metrics import FeatureCorrelation, LabelTransfer, feature_pearson, label_transfer
+from atlas.evaluate.metrics import UNKNOWN, FeatureCorrelation, LabelTransfer, feature_pearson, label_transfer
 
 UMAP_RANDOM_STATE = 0
 
@@ -239,12 +239,15 @@ def write_report(
     manifest: Mapping[str, Any] | None = None,
     title: str = "Atlas mapping report",
     umap: bool = True,
+    integration: bool = True,
 ) -> Path:
     """Score ``mapped`` against ``query`` and write ``report.md``, ``metrics.json`` and figures into ``out_dir``.
 
     ``mapped`` is :func:`atlas.map_query`'s result for ``query`` (same cells; the query may be in
     another order). ``levels`` default to every level predicted in ``mapped`` with true labels
-    in ``query.obs``. Returns the path of ``report.md``.
+    in ``query.obs``. With ``batch_key`` and ``integration``, the scIB integration scores of the
+    query's embedding (first level's true labels, ``batch_key`` batches; at most
+    :data:`INTEGRATION_MAX_CELLS` cells) are added. Returns the path of ``report.md``.
 
     Raises:
         ValueError: different cells, a level missing on either side, or no level to evaluate.
@@ -293,7 +296,10 @@ def write_report(
         figures["loss_curve"] = "loss_curve.png"
     thresholds = ((manifest or {}).get("mapping") or {}).get("thresholds") if manifest is not None else None
 
+    scib = _integration(mapped, query, levels[0], batch_key) if (integration and batch_key) else None
+
     metrics = {
+        "integration": scib,
         "n_cells": int(mapped.n_obs),
         "levels": {level: res.to_dict() for level, res in labels.items()},
         "protein": protein.to_dict() if protein is not None else None,
@@ -311,6 +317,34 @@ def write_report(
     path = out / "report.md"
     path.write_text(md, encoding="utf-8")
     return path
+
+
+INTEGRATION_MAX_CELLS = 20_000
+"""scIB scores are computed on a random sample (seed 0) of at most this many labelled cells."""
+
+
+def _integration(mapped: Any, query: Any, level: str, batch_key: str) -> dict:
+    """scIB scores of the mapped embedding, or ``{"skipped": why}``."""
+    truth = query.obs[level].astype(str)
+    keep = ~truth.isin(("", "nan", "undefined", UNKNOWN)).to_numpy()
+    batches = query.obs[batch_key].astype(str).to_numpy()
+    if len(np.unique(batches[keep])) < 2:
+        return {"skipped": f"the query's labelled cells come from fewer than two '{batch_key}' batches"}
+    if query.n_vars == 0:
+        return {"skipped": "the query has no X to compute the unintegrated PCA from (PCR comparison needs it)"}
+    try:
+        from atlas.evaluate.integration import integration_scores, pre_integration_pca
+        import scib_metrics  # noqa: F401
+    except ImportError:
+        return {"skipped": "scib-metrics is not installed (pip install -e '.[eval]')"}
+    rows = np.flatnonzero(keep)
+    if len(rows) > INTEGRATION_MAX_CELLS:
+        rows = np.sort(np.random.default_rng(0).choice(rows, INTEGRATION_MAX_CELLS, replace=False))
+    from atlas.evaluate.baselines import _log_normalised
+
+    pre = pre_integration_pca(_log_normalised(query.X[rows]).toarray())
+    scores = integration_scores(np.asarray(mapped.obsm["X_atlas"])[rows], truth.to_numpy()[rows], batches[rows], pre)
+    return {"level": level, "batch_key": batch_key, "n_cells": int(len(rows)), "scores": scores}
 
 
 def _markdown(title, metrics, labels, protein, protein_files, figures, batch_key, manifest) -> str:
@@ -337,6 +371,19 @@ def _markdown(title, metrics, labels, protein, protein_files, figures, batch_key
             lines += [f"![UMAP coloured by {level}]({figures[umap_name]})", ""]
     if batch_key is not None and "umap_batch" in figures:
         lines += ["## Batches", "", f"![UMAP coloured by {batch_key}]({figures['umap_batch']})", ""]
+    scib = metrics.get("integration")
+    if scib and "skipped" in scib:
+        lines += ["## Integration (scIB)", "", f"Not computed: {scib['skipped']}.", ""]
+    elif scib:
+        sc = scib["scores"]
+        lines += ["## Integration (scIB)", "",
+                  f"scib-metrics on the query embedding, {scib['n_cells']} labelled cells, labels "
+                  f"`{scib['level']}`, batches `{scib['batch_key']}`; overall = 0.6 bio + 0.4 batch.", "",
+                  "| overall | bio | batch | NMI | ARI | label ASW | isolated labels | cLISI | batch ASW | iLISI | "
+                  "kBET | graph connectivity | PCR comparison |", "|" + "---:|" * 13,
+                  "| " + " | ".join(_num(sc[k]) for k in ("overall", "bio", "batch", "nmi", "ari", "silhouette_label",
+                                                           "isolated_labels", "clisi", "silhouette_batch", "ilisi",
+                                                           "kbet", "graph_connectivity", "pcr_comparison")) + " |", ""]
     if protein is not None:
         lines += ["## Protein prediction", "",
                   f"Pearson r per protein across {protein.n_cells} cells, predicted vs measured "

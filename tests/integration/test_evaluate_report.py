@@ -103,3 +103,23 @@ def test_cli_evaluate_writes_same_report(mapped_query, tmp_path):
     missing = runner.invoke(app, ["evaluate", str(tmp_path / "nope.h5ad"), str(query_path), "-o", str(tmp_path / "x")])
     assert missing.exit_code == 2 and "not found" in missing.output
     assert np.all(np.isfinite(mapped.obsm["X_atlas"]))
+
+
+def test_report_adds_scib_scores_when_the_query_has_batches(mapped_query, tmp_path):
+    pytest.importorskip("scib_metrics", reason="integration scores need the eval extra")
+    from atlas.evaluate.baselines import _log_normalised
+    from atlas.evaluate.integration import integration_scores, pre_integration_pca
+
+    _, mapped, query = mapped_query
+    query = query.copy()
+    query.obs["lane"] = np.where(np.arange(query.n_obs) % 2 == 0, "lane1", "lane2")
+    write_report(mapped, query, tmp_path / "r", levels=LEVELS, batch_key="lane", umap=False)
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    keep = ~query.obs[LEVELS[0]].astype(str).isin(("", "nan", "undefined")).to_numpy()
+    expected = integration_scores(mapped.obsm["X_atlas"][keep], query.obs[LEVELS[0]].astype(str)[keep],
+                                  query.obs["lane"][keep], pre_integration_pca(_log_normalised(query.X[keep]).toarray()))
+    assert metrics["integration"]["scores"] == pytest.approx(expected)
+    assert "## Integration (scIB)" in (tmp_path / "r" / "report.md").read_text()
+    # One batch: said, not scored.
+    write_report(mapped, query, tmp_path / "one", levels=LEVELS, batch_key="batch", umap=False)
+    assert "fewer than two" in json.loads((tmp_path / "one" / "metrics.json").read_text())["integration"]["skipped"]
