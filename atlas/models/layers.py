@@ -14,6 +14,9 @@ Only torch is imported here: these modules run inside Ray Train workers and Ray 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -22,8 +25,38 @@ from torch import nn
 UNSEEN_DOMAIN = -1
 
 
+_WORKER_LOCAL = False
+
+
 def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return (not _WORKER_LOCAL) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextmanager
+def worker_local_codebooks() -> Iterator[None]:
+    """Codebook EMA updates and re-seeding stay on this worker (no collectives) inside.
+
+    For the uneven tail of an epoch: workers that have run out of batches have joined DDP, which
+    answers DDP's own gradient all-reduces for them but not the codebook's, so a collective there
+    would mismatch. Call :func:`broadcast_codebooks` afterwards on every worker.
+    """
+    global _WORKER_LOCAL
+    previous, _WORKER_LOCAL = _WORKER_LOCAL, True
+    try:
+        yield
+    finally:
+        _WORKER_LOCAL = previous
+
+
+@torch.no_grad()
+def broadcast_codebooks(model: nn.Module, src: int = 0) -> None:
+    """Make every worker's vector-quantiser state rank ``src``'s (every worker must call this)."""
+    if not _distributed():
+        return
+    for module in model.modules():
+        if isinstance(module, VectorQuantizerEMA):
+            for buffer in (module.embedding, module.embed_sum, module.cluster_size):
+                dist.broadcast(buffer, src)
 
 
 class DomainBatchNorm1d(nn.Module):

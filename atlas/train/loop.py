@@ -31,7 +31,7 @@ import torch.distributed as dist
 from atlas.data.dataset import iter_batches
 from atlas.data.plan import ReadPlan
 from atlas.models.config import build_model
-from atlas.models.layers import DomainBatchNorm1d
+from atlas.models.layers import DomainBatchNorm1d, broadcast_codebooks, worker_local_codebooks
 from atlas.train.config import BuildConfig, build_config_from_dict
 from atlas.train.step import make_scheduler, train_step
 
@@ -252,11 +252,14 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             if global_step % build.train.checkpoint_every == 0:
                 report(epoch, False, {"loss": progress.means().get("loss", float("nan"))})
         if world > 1:  # the uneven tail: workers that ran out shadow the others' all-reduces
-            with model.join():  # and DDP re-synchronises the parameters when all have joined
+            # and DDP re-synchronises the parameters when all have joined. Join does not shadow
+            # the codebook's own collectives: those stay local here and rank 0's are broadcast.
+            with model.join(), worker_local_codebooks():
                 if pending is not None:
                     step(pending, epoch)
                 for batch in batches:
                     step(batch, epoch)
+            broadcast_codebooks(_inner(model))
             global_step = _align_steps(global_step, scheduler, device)
         means = progress.means()
         seconds = time.perf_counter() - progress.start
