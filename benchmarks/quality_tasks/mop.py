@@ -572,11 +572,11 @@ def markdown(r: dict) -> str:
     b, t = r["builds"], r["timings"]
     lines += ["## Settings and timings", ""]
     lines += [f"- Ray Train workers: {s['workers']} per build (local in-process Ray); one store holds the reference's "
-              f"RNA + ATAC (ingest {t['ingest_s']:.1f} s) and every build reads it. Why not 2: a 2-worker CVQVAE build "
-              "aborts (gloo: collective size mismatch) whenever the workers get unequal numbers of minibatches — the "
-              "codebook's EMA `all_reduce` (atlas/models/layers.py `ema_update`) runs inside `forward`, and DDP's "
-              "`join()` for the uneven tail (atlas/train/loop.py) shadows only gradient all-reduces; all four builds "
-              "use 1 worker so the comparison is like for like. Torch and BLAS: 1 thread per process (2 threads per "
+              f"RNA + ATAC (ingest {t['ingest_s']:.1f} s) and every build reads it. One worker: on 2 cores a second "
+              "worker competes with the first for the same cores (README, training), and all four builds use the "
+              "same setting so the comparison is like for like. (A 2-worker CVQVAE build used to abort in gloo when "
+              "the workers got unequal numbers of minibatches; fixed in atlas/train/loop.py, the codebook's "
+              "collectives stay local in the uneven tail.) Torch and BLAS: 1 thread per process (2 threads per "
               "process on this shared 2-core machine oversubscribed it: scVI ran ~10x slower).",
               f"- CVQVAE and CVAE: {s['cvqvae_epochs']} epochs, batch 256, lr 1e-3, cosine schedule, model defaults "
               "(PCA/LSI views 128 components, first LSI component dropped, MLP 512-256-128, latent 16, codebook 512, "
