@@ -36,7 +36,11 @@ def _quiet():
     import logging
 
     import scvi
+    import torch
 
+    # One thread: on a shared 2-core machine two torch threads oversubscribe it (scVI epochs ran
+    # 10-25x slower in the MOp task); Concerto's Ray Train workers also use one thread each.
+    torch.set_num_threads(1)
     scvi.settings.seed = 0
     scvi.settings.verbosity = logging.WARNING
     for name in ("lightning", "lightning.pytorch", "pytorch_lightning", "scvi"):
