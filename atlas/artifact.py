@@ -235,7 +235,8 @@ def _list_files(root: Path) -> list[str]:
     return sorted(files)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -244,7 +245,7 @@ def _sha256(path: Path) -> str:
 
 
 def _file_record(path: Path) -> dict[str, Any]:
-    return {"sha256": _sha256(path), "bytes": path.stat().st_size}
+    return {"sha256": file_sha256(path), "bytes": path.stat().st_size}
 
 
 def read_manifest(artifact_dir: str | Path) -> dict[str, Any]:
@@ -312,7 +313,7 @@ def _check_files(root: Path, expected: dict[str, Any], names: Iterable[str], *, 
         if size != record["bytes"]:
             what = "truncated" if size < record["bytes"] else "changed"
             problems.append(f"{what} file {rel} ({size} bytes, manifest says {record['bytes']})")
-        elif hashes and _sha256(path) != record["sha256"]:
+        elif hashes and file_sha256(path) != record["sha256"]:
             problems.append(f"modified file {rel} (sha256 differs from the manifest)")
     return problems
 

@@ -37,6 +37,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from atlas.artifact import file_sha256
 from atlas.errors import AtlasError
 
 PBMC10K = "pbmc10k_10x_cite_totalvi_rna4000hvg_adt14_labelled.h5ad"
@@ -302,14 +303,6 @@ def build_pbmc10k(folder: Path):
 
 # --- download and cache -----------------------------------------------------------------------
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _download(url: str, path: Path, timeout: float = 60.0) -> None:
     """``url`` → ``path`` through a temporary file in the same folder, with a progress line."""
     part = path.with_name(f".{path.name}.part-{os.getpid()}")
@@ -353,7 +346,7 @@ def _write_manifest(cache_dir: Path, urls: dict[str, str]) -> None:
     manifest = {
         "dataset": PBMC10K,
         "fingerprint": EXPECTED_FINGERPRINT,
-        "files": {name: {"url": urls[name], "sha256": _file_sha256(cache_dir / name),
+        "files": {name: {"url": urls[name], "sha256": file_sha256(cache_dir / name),
                          "bytes": (cache_dir / name).stat().st_size} for name in urls},
     }
     part = cache_dir / f".manifest.json.part-{os.getpid()}"
@@ -407,7 +400,7 @@ def demo_dataset(shared_dir: Path, cache_dir: Path | None = None, *, mirror: str
         path = cache_dir / name
         if path.exists():
             sha = (recorded.get(name) or {}).get("sha256")
-            if sha is None or _file_sha256(path) == sha:
+            if sha is None or file_sha256(path) == sha:
                 print(f"   {name}: already in the cache"
                       + (" (sha256 matches the manifest)" if sha else " (not in the manifest: checked by the rebuild)"))
                 kept.append(path)

@@ -142,7 +142,7 @@ def test_rebuild_from_the_public_files(mirror, pbmc, tmp_path, capsys):
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["fingerprint"] == EXPECTED_FINGERPRINT
     assert set(manifest["files"]) == {RNA_CSV, PROTEIN_CSV, ADT_RDA, FEATURE_RDA}
-    assert manifest["files"][RNA_CSV]["sha256"] == demo_data._file_sha256(folder / RNA_CSV)
+    assert manifest["files"][RNA_CSV]["sha256"] == demo_data.file_sha256(folder / RNA_CSV)
     assert sorted(p.name for p in cache.iterdir()) == sorted([PBMC10K, "manifest.json", *manifest["files"]])
 
     # A second run uses the verified cache and downloads nothing (the mirror is now unreachable).
