@@ -37,7 +37,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,6 +47,9 @@ import pandas as pd
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: `atlas` is this checkout's
+
+from quality_tasks.common import commit as _commit  # noqa: E402  (benchmarks/ is the script's folder)
+from quality_tasks.common import start_ray  # noqa: E402
 
 DATA = Path(os.environ.get("ATLAS_SHARED_DATA", REPO.parent / "shared" / "data"))
 PBMC10K = "pbmc10k_10x_cite_totalvi_rna4000hvg_adt14_labelled.h5ad"
@@ -93,19 +95,6 @@ def measured_proteins(adata) -> pd.DataFrame:
 
 
 # -- the atlas -----------------------------------------------------------------------------------
-
-
-def start_ray(workers: int) -> None:
-    """A local, in-process Ray of our own (``address="local"``: never join another user's cluster
-    through /tmp/ray/ray_current_cluster), unless RAY_ADDRESS names one on purpose."""
-    import ray
-
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
-    else:
-        ray.init(address="local", num_cpus=max(4, workers + 2), include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 def build_concerto(out: Path, name: str, reference, *, epochs: int, workers: int) -> dict:
@@ -337,15 +326,6 @@ def markdown(r: dict) -> str:
         lines += [f"Calibrated thresholds: {cal['reason']}; the fraction of CD8 T cells a threshold flags is not reported."]
     lines += ["", "Confusion matrices (level 1): `confusion_l1_concerto.png`, `confusion_l1_pca_knn.png`."]
     return "\n".join(lines) + "\n"
-
-
-def _commit() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True)
-        return rev.stdout.strip() + ("+uncommitted" if dirty.stdout.strip() else "")
-    except OSError:
-        return "unknown"
 
 
 def main() -> None:
