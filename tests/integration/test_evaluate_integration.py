@@ -83,3 +83,27 @@ def test_refuses_mismatched_rows_and_single_batch(bmmc):
         integration_scores(x[:-1], adata.obs["cell_type"], adata.obs["batch"], pre)
     with pytest.raises(AtlasError, match="two batches"):
         integration_scores(x, adata.obs["cell_type"], np.zeros(adata.n_obs), pre)
+
+
+def test_scores_compile_after_ray_has_patched_print(tmp_path):
+    """Ray Data's progress bars replace builtins.print in the driver (ray.experimental.tqdm_ray);
+    numba then failed to compile pynndescent (``Untyped global name 'print'``). A fresh process,
+    so that numba compiles here and not from an earlier test's cache."""
+    import subprocess
+    import sys
+
+    script = (
+        "import builtins, numpy as np, scanpy, scib_metrics\n"  # numba first, as in a real session
+        "from atlas.evaluate.integration import integration_scores\n"
+        "from ray.experimental import tqdm_ray\n"
+        "builtins.print = tqdm_ray.safe_print\n"  # what tqdm_ray.instance() does
+        "rng = np.random.default_rng(0)\n"
+        "x = rng.normal(size=(300, 8)).astype('float32')\n"
+        "s = integration_scores(x, np.repeat(list('abc'), 100), np.tile(['b1', 'b2'], 150), x)\n"
+        "assert builtins.print is tqdm_ray.safe_print\n"  # restored afterwards
+        "print('overall', s['overall'])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          cwd=str(tmp_path), env={**__import__("os").environ, "NUMBA_CACHE_DIR": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "overall" in done.stdout
