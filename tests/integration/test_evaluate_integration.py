@@ -10,10 +10,8 @@ import numpy as np
 import pytest
 import scanpy as sc
 
-pytest.importorskip("scib_metrics", reason="integration scores need the eval extra (pip install -e '.[eval]')")
-
-from atlas.errors import AtlasError  # noqa: E402
-from atlas.evaluate.integration import BATCH, BIO, aggregate, integration_scores, pre_integration_pca  # noqa: E402
+from atlas.errors import AtlasError
+from atlas.evaluate.integration import BATCH, BIO, aggregate, integration_scores, pre_integration_pca
 
 pytestmark = pytest.mark.real_data
 BMMC = "neurips21_bmmc_cite_starter_rna_with_adt.h5ad"

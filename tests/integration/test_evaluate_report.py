@@ -106,7 +106,6 @@ def test_cli_evaluate_writes_same_report(mapped_query, tmp_path):
 
 
 def test_report_adds_scib_scores_when_the_query_has_batches(mapped_query, tmp_path):
-    pytest.importorskip("scib_metrics", reason="integration scores need the eval extra")
     from atlas.evaluate.baselines import _log_normalised
     from atlas.evaluate.integration import integration_scores, pre_integration_pca
 

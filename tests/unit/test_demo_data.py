@@ -49,16 +49,13 @@ def pbmc(dataset):
 
 @pytest.fixture(scope="module")
 def mirror(pbmc, dataset, tmp_path_factory):
-    """A folder with the four raw files; ``None`` for the .rda files when pyreadr is missing."""
+    """A folder with the four raw files (pyreadr, a dev dependency, writes the .rda ones)."""
     folder = tmp_path_factory.mktemp("mirror")
     rna = pd.DataFrame(pbmc.X.T.toarray().astype(np.int32), index=pbmc.var_names, columns=pbmc.obs_names)
     _write_counts_csv(rna, folder / RNA_CSV)
     proteins = pbmc.obsm["protein_counts"][[f"{p}_TotalSeqB" for p in TENX_ORDER]].astype(np.int32)
     _write_counts_csv(proteins.T, folder / PROTEIN_CSV)
-    try:
-        import pyreadr
-    except ImportError:
-        return folder, False
+    import pyreadr
 
     # ADTnorm's tables: all 8,201 real 10X_pbmc_10k rows (1,347 of them match no pbmc10k cell, some
     # share their 9 counts), 3,000 rows of the 12 other studies, and two planted traps.
@@ -93,13 +90,6 @@ def mirror(pbmc, dataset, tmp_path_factory):
     assert list(counts.columns) == markers
     pyreadr.write_rdata(str(folder / ADT_RDA), counts, df_name="cell_x_adt", compress="gzip")
     pyreadr.write_rdata(str(folder / FEATURE_RDA), features, df_name="cell_x_feature", compress="gzip")
-    return folder, True
-
-
-def _need_rda(mirror):
-    folder, has_rda = mirror
-    if not has_rda:
-        pytest.skip("pyreadr is not installed: cannot write (or read) ADTnorm's .rda files")
     return folder
 
 
@@ -123,7 +113,7 @@ def test_the_shared_file_is_preferred(dataset, tmp_path):
 
 
 def test_rebuild_from_the_public_files(mirror, pbmc, tmp_path, capsys):
-    folder = _need_rda(mirror)
+    folder = mirror
     cache = tmp_path / "cache"
     path = demo_dataset(tmp_path / "no-shared-data", cache, mirror=folder.as_uri())
     out = capsys.readouterr().out
@@ -164,7 +154,7 @@ def test_rebuild_from_the_public_files(mirror, pbmc, tmp_path, capsys):
 
 
 def test_a_changed_count_is_refused_and_nothing_is_kept(mirror, tmp_path):
-    folder = _need_rda(mirror)
+    folder = mirror
     bad = tmp_path / "bad-mirror"
     shutil.copytree(folder, bad)
     proteins = pd.read_csv(bad / PROTEIN_CSV, index_col=0)
@@ -182,7 +172,6 @@ def test_a_changed_count_is_refused_and_nothing_is_kept(mirror, tmp_path):
 
 @pytest.mark.parametrize("where", ["file", "http"])
 def test_an_unreachable_source_says_what_to_do(where, tmp_path):
-    pytest.importorskip("pyreadr", reason="the pyreadr check comes before any download")
     mirror = (tmp_path / "nowhere").as_uri() if where == "file" else f"http://127.0.0.1:{_closed_port()}"
     cache = tmp_path / "cache"
     with pytest.raises(AtlasError) as e:
