@@ -39,6 +39,7 @@ import pandas as pd
 
 from atlas.artifact import file_sha256
 from atlas.errors import AtlasError
+from atlas.staging import staged_file
 
 PBMC10K = "pbmc10k_10x_cite_totalvi_rna4000hvg_adt14_labelled.h5ad"
 
@@ -305,9 +306,8 @@ def build_pbmc10k(folder: Path):
 
 def _download(url: str, path: Path, timeout: float = 60.0) -> None:
     """``url`` → ``path`` through a temporary file in the same folder, with a progress line."""
-    part = path.with_name(f".{path.name}.part-{os.getpid()}")
     tty = sys.stdout.isatty()
-    try:
+    with staged_file(path) as part:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0)
             done, shown = 0, -1
@@ -324,9 +324,6 @@ def _download(url: str, path: Path, timeout: float = 60.0) -> None:
         if tty:
             print("\r", end="")
         print(f"   {path.name}: {done / 1e6:.1f} MB from {url}", flush=True)
-        os.replace(part, path)
-    finally:
-        part.unlink(missing_ok=True)
 
 
 def _reason(e: Exception) -> str:
@@ -349,9 +346,8 @@ def _write_manifest(cache_dir: Path, urls: dict[str, str]) -> None:
         "files": {name: {"url": urls[name], "sha256": file_sha256(cache_dir / name),
                          "bytes": (cache_dir / name).stat().st_size} for name in urls},
     }
-    part = cache_dir / f".manifest.json.part-{os.getpid()}"
-    part.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(part, cache_dir / "manifest.json")
+    with staged_file(cache_dir / "manifest.json") as part:
+        part.write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def _verified(path: Path) -> list[str]:
@@ -436,12 +432,8 @@ def demo_dataset(shared_dir: Path, cache_dir: Path | None = None, *, mirror: str
             f"(content fingerprint {EXPECTED_FINGERPRINT}): {reason}. Nothing was kept: the downloaded "
             f"files were removed{left}. Set ATLAS_SHARED_DATA to a folder holding {PBMC10K} instead"
         )
-    part = target.with_name(f".{target.name}.part-{os.getpid()}")
-    try:
+    with staged_file(target) as part:
         adata.write_h5ad(part, compression="gzip")
-        os.replace(part, target)
-    finally:
-        part.unlink(missing_ok=True)
     _write_manifest(cache_dir, urls)
     say(f"rebuilt {target} from the public sources: its content fingerprint {EXPECTED_FINGERPRINT[:16]}… "
         f"is the shared file's; the raw files' sha256 are in {cache_dir / 'manifest.json'}")

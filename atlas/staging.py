@@ -1,7 +1,8 @@
-"""Folders that appear whole or not at all (an atlas artifact, a mapping output)."""
+"""Folders and files that appear whole or not at all (an atlas artifact, a mapping output, a download)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -23,3 +24,15 @@ def staged_output(output: Path) -> Iterator[Path]:
     if output.exists():
         shutil.rmtree(output)
     staging.rename(output)
+
+
+@contextmanager
+def staged_file(path: Path) -> Iterator[Path]:
+    """Write to a hidden file beside ``path``; when the block succeeds it replaces ``path``
+    atomically, when it fails it is removed."""
+    part = path.with_name(f".{path.name}.part-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        yield part
+        os.replace(part, path)
+    finally:
+        part.unlink(missing_ok=True)
