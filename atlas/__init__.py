@@ -5,7 +5,14 @@ The store (``atlas.store``), streaming (``atlas.data``), models (``atlas.models`
 command line starts fast.
 """
 
+import os
+
 __version__ = "0.1.0"
+
+# Ray Data's progress bars (ray.experimental.tqdm_ray) otherwise replace builtins.print with a
+# Python function in this process, and numba (pynndescent in the scIB scores and UMAPs) can then
+# no longer compile code that calls print. A user's own setting wins.
+os.environ.setdefault("RAY_TQDM_PATCH_PRINT", "0")
 
 
 def __getattr__(name: str):

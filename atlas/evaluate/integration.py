@@ -18,11 +18,7 @@ Needs the ``eval`` extra (``pip install -e '.[eval]'``).
 
 from __future__ import annotations
 
-import builtins
-import sys
-import types
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -44,30 +40,6 @@ def _scib():
             f"integration scores need scib-metrics ({err}); install the eval extra: pip install -e '.[eval]'"
         ) from err
     return scib_metrics, pynndescent
-
-
-@contextmanager
-def interpreter_print() -> Iterator[None]:
-    """The interpreter's own ``print`` while numba compiles (pynndescent's kernels call it).
-
-    Ray replaces ``builtins.print`` in the driver once a Ray Data progress bar exists
-    (``ray.experimental.tqdm_ray``); numba cannot type a Python-level ``print`` and the scIB
-    neighbour search then fails to compile.
-    """
-    current = builtins.print
-    real = current if isinstance(current, types.BuiltinFunctionType) else None
-    if real is None:
-        tqdm_ray = sys.modules.get("ray.experimental.tqdm_ray")
-        candidate = getattr(tqdm_ray, "_print", None)
-        real = candidate if isinstance(candidate, types.BuiltinFunctionType) else None
-    if real is None or real is current:
-        yield
-        return
-    builtins.print = real
-    try:
-        yield
-    finally:
-        builtins.print = current
 
 
 def pre_integration_pca(normalised: np.ndarray, n_comps: int = 50) -> np.ndarray:
@@ -121,11 +93,6 @@ def integration_scores(
         raise AtlasError("integration scores: the embedding has NaN or infinite values")
     if len(np.unique(batch)) < 2:
         raise AtlasError("integration scores need at least two batches")
-    with interpreter_print():
-        return _scores(scib, pynndescent, x, labels, batch, pre_integrated, n_jobs)
-
-
-def _scores(scib, pynndescent, x, labels, batch, pre_integrated, n_jobs) -> dict[str, float]:
     neighbours = pynndescent(x, n_neighbors=90, random_state=0, n_jobs=n_jobs)
     nn15, nn50, nn90 = (neighbours.subset_neighbors(n=n) for n in (15, 50, 90))
     clusters = scib.nmi_ari_cluster_labels_kmeans(x, labels)

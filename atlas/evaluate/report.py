@@ -109,12 +109,9 @@ def _umap(mapped: Any, query: Any, out: Path, levels: Sequence[str], batch_key: 
         obs["batch"] = pd.Categorical(query.obs[batch_key].astype(str).to_numpy())
     tmp = ad.AnnData(obs=obs)
     tmp.obsm["X_atlas"] = emb
-    from atlas.evaluate.integration import interpreter_print
-
-    with interpreter_print():  # numba (pynndescent, umap) cannot compile with Ray's patched print
-        sc.pp.neighbors(tmp, n_neighbors=min(15, max(2, tmp.n_obs - 1)), use_rep="X_atlas",
-                        random_state=UMAP_RANDOM_STATE)
-        sc.tl.umap(tmp, random_state=UMAP_RANDOM_STATE)
+    sc.pp.neighbors(tmp, n_neighbors=min(15, max(2, tmp.n_obs - 1)), use_rep="X_atlas",
+                    random_state=UMAP_RANDOM_STATE)
+    sc.tl.umap(tmp, random_state=UMAP_RANDOM_STATE)
     coords = tmp.obsm["X_umap"]
 
     plt = _plt()

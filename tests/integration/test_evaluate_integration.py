@@ -83,25 +83,29 @@ def test_refuses_mismatched_rows_and_single_batch(bmmc):
         integration_scores(x, adata.obs["cell_type"], np.zeros(adata.n_obs), pre)
 
 
-def test_scores_compile_after_ray_has_patched_print(tmp_path):
-    """Ray Data's progress bars replace builtins.print in the driver (ray.experimental.tqdm_ray);
-    numba then failed to compile pynndescent (``Untyped global name 'print'``). A fresh process,
-    so that numba compiles here and not from an earlier test's cache."""
+def test_scores_compile_after_ray_data_progress_bars():
+    """Ray Data's progress bars (``tqdm_ray.instance()``) replaced builtins.print in the driver and
+    numba then failed to compile pynndescent ("Untyped global name 'print'", or no lowering for it,
+    depending on import order). ``import atlas`` turns that patch off. A fresh process, so that
+    numba compiles here and not from an earlier test's cache; both import orders."""
+    import os
     import subprocess
     import sys
 
-    script = (
-        "import builtins, numpy as np, scanpy, scib_metrics\n"  # numba first, as in a real session
-        "from atlas.evaluate.integration import integration_scores\n"
-        "from ray.experimental import tqdm_ray\n"
-        "builtins.print = tqdm_ray.safe_print\n"  # what tqdm_ray.instance() does
+    scores = (
         "rng = np.random.default_rng(0)\n"
         "x = rng.normal(size=(300, 8)).astype('float32')\n"
         "s = integration_scores(x, np.repeat(list('abc'), 100), np.tile(['b1', 'b2'], 150), x)\n"
-        "assert builtins.print is tqdm_ray.safe_print\n"  # restored afterwards
         "print('overall', s['overall'])\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                          cwd=str(tmp_path), env={**__import__("os").environ, "NUMBA_CACHE_DIR": str(tmp_path)})
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "overall" in done.stdout
+    bar = ("from ray.experimental import tqdm_ray\n"
+           "tqdm_ray.instance()\n"  # what a Ray Data progress bar does first
+           "assert isinstance(builtins.print, types.BuiltinFunctionType), builtins.print\n")
+    imports = "import builtins, types, numpy as np\nfrom atlas.evaluate.integration import integration_scores\n"
+    numba_first = imports + "import scanpy, scib_metrics\n" + bar + scores
+    bar_first = imports + bar + "import scanpy, scib_metrics\n" + scores
+    env = {k: v for k, v in os.environ.items() if k != "RAY_TQDM_PATCH_PRINT"}
+    for script in (numba_first, bar_first):
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "overall" in done.stdout
