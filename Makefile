@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	@# The project's distribution was called "atlas" (taken on PyPI by another project): drop it from an older .venv.
+	$(PY) -m pip uninstall -q -y atlas 2>/dev/null || true
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev,eval]"
 	touch $@
 

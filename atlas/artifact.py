@@ -192,7 +192,7 @@ def library_versions() -> dict[str, str | None]:
         "ray": ["ray"],
         "tiledbsoma": ["tiledbsoma"],
         "anndata": ["anndata"],
-        "atlas": ["atlas"],
+        "atlas": ["ray-cell-atlas"],  # the distribution name; "atlas" on PyPI is another project
     }.items():
         out[name] = None
         for dist in dists:

@@ -32,9 +32,10 @@ from atlas.embed import embed_dataset, iter_embeddings
 from atlas.index.shards import build_hierarchy
 from atlas.models.config import config_to_dict
 from atlas.staging import staged_output
+from atlas.stopping import rearm
 from atlas.store.embeddings import write_embedding
 from atlas.store.versions import current_version, is_store
-from atlas.train.config import BuildConfig
+from atlas.train.config import BuildConfig, ConfigError
 from atlas.train.trainer import cluster_has_gpus, fit_views_state, train
 
 DENSE_PROFILE_MAX_FEATURES = 2048
@@ -61,6 +62,30 @@ def init_local_ray(num_workers: int) -> None:
         ray.init()
     else:
         ray.init(num_cpus=max(os.cpu_count() or 1, num_workers + 2), include_dashboard=False)
+    rearm()  # ray.init replaced the SIGTERM handler of `atlas build` with sys.exit
+
+
+def preflight(build: BuildConfig, uri: str, *, writes_store: bool) -> None:
+    """Every check that can fail after training, made before it: a build that trains for hours
+    and then stops on a misspelt level or an unwritable folder loses the hours."""
+    exp = open_experiment(uri)
+    measurements = set(exp.ms.keys())
+    for section, names in (("model.modalities", build.model.modalities), ("index.profiles", build.index.profiles)):
+        missing = [m for m in names if m not in measurements]
+        if missing:
+            raise ConfigError(f"{section}: the store has no modality {missing} (it has {sorted(measurements)})")
+    columns = set(exp.obs.schema.names)
+    missing = [c for c in build.index.levels if c not in columns]
+    if missing:
+        raise ConfigError(f"index.levels: the store's obs has no column(s) {missing}; label columns there: "
+                          f"{sorted(c for c in columns if c not in ('soma_joinid', 'obs_id'))}")
+    output = Path(build.output).expanduser().resolve()
+    parent = next((p for p in (output, *output.parents) if p.exists()), None)
+    if parent is None or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"output: cannot write {output} ({parent} is not writable); choose another folder")
+    if writes_store and "://" not in build.store and not os.access(build.store, os.W_OK | os.X_OK):
+        raise ConfigError(f"store: {build.store} is not writable, and the build writes its embedding back "
+                          "into a new store version; fix the permissions or build from a copy")
 
 
 def _training_plan(build: BuildConfig, uri: str) -> ReadPlan:
@@ -83,9 +108,6 @@ def _vocabulary(uri: str, modalities: tuple[str, ...]) -> dict[str, list[str]]:
 
 def _obs_columns(uri: str, joinids: np.ndarray, columns: list[str]) -> pd.DataFrame:
     exp = open_experiment(uri)
-    missing = [c for c in columns if c not in exp.obs.schema.names]
-    if missing:
-        raise KeyError(f"obs has no column(s) {missing}: check index.levels in the build config")
     obs = exp.obs.read(coords=(np.sort(joinids),), column_names=["soma_joinid", *columns]).concat().to_pandas()
     return obs.set_index("soma_joinid").loc[joinids]
 
@@ -124,15 +146,15 @@ def build_atlas(build: BuildConfig, *, resume: bool = False, overwrite: bool = F
     output = Path(build.output)
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise FileExistsError(f"{output} already holds an atlas; choose another output or pass --overwrite")
+    version = current_version(build.store) if is_store(build.store) else None
+    uri = version.uri if version else build.store
+    modalities = tuple(build.model.modalities)
+    preflight(build, uri, writes_store=version is not None)
     if not ray.is_initialized():
         init_local_ray(build.scaling.num_workers)
     ray.data.DataContext.get_current().enable_progress_bars = False
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-
-    version = current_version(build.store) if is_store(build.store) else None
-    uri = version.uri if version else build.store
-    modalities = tuple(build.model.modalities)
     plan = _training_plan(build, uri)
     vocab_sizes = vocabulary_sizes(uri, modalities)
     log(f"[build] store {build.store} version {version.version if version else '-'}: "

@@ -8,11 +8,12 @@ with exit code 2 — never a traceback. Heavy libraries are imported inside the 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -191,11 +192,19 @@ def build(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Artifact folder (overrides the config).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the newest interrupted run of this build.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing artifact.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show Ray's own logs on screen too.")] = False,
+    log_file: Annotated[Path | None, typer.Option(
+        help="Where Ray's own logs go (default: a new file under the temp dir, printed).")] = None,
 ) -> None:
-    """Train, embed, index and write an atlas artifact (same code path as jobs/build_atlas.py)."""
+    """Train, embed, index and write an atlas artifact (same code path as jobs/build_atlas.py).
+
+    SIGINT (Ctrl-C) or SIGTERM stops the build and its local Ray; `--resume` continues it from the
+    last checkpoint.
+    """
     import dataclasses
 
     from atlas.build import build_atlas
+    from atlas.stopping import stop_on_signals, stop_reason
     from atlas.train.config import ConfigError, load_build_config
 
     try:
@@ -204,9 +213,53 @@ def build(
         raise fail(str(err)) from None
     if output is not None:
         build_config = dataclasses.replace(build_config, output=str(output))
-    summary = build_atlas(build_config, resume=resume, overwrite=overwrite,
-                          log=lambda line: typer.echo(line, err=True))
+    try:
+        with stop_on_signals(), _ray_screen("build", verbose, log_file) as say:
+            try:
+                summary = build_atlas(build_config, resume=resume, overwrite=overwrite, log=say)
+            finally:
+                _stop_local_ray()
+    except KeyboardInterrupt as interrupt:
+        stop = stop_reason(interrupt)
+        raise fail(f"{stop.signal_name}: the build stopped and its local Ray is shut down; nothing was published. "
+                   f"Continue from the last checkpoint with: atlas build {config} --resume", stop.exit_code) from None
     typer.echo(json.dumps(dataclasses.asdict(summary), indent=2))
+
+
+@contextlib.contextmanager
+def _ray_screen(command: str, verbose: bool, log_file: Path | None) -> Iterator[Callable[[str], None]]:
+    """Ray's own output to a log file (path printed) unless ``verbose``; yields ``say(line)`` for
+    the command's progress lines, shown with a progress bar over training epochs."""
+    if verbose:
+        yield lambda line: typer.echo(line, err=True)
+        return
+    from atlas.ray_logs import BuildProgress, default_log_path, ray_output_to_file
+
+    log = log_file or default_log_path(command)
+    typer.echo(f"Ray's own logs: {log} (--verbose shows them here)", err=True)
+    with ray_output_to_file(log) as console, BuildProgress(console) as progress:
+        with _forwarded_to(progress):
+            yield progress.line
+
+
+@contextlib.contextmanager
+def _forwarded_to(progress: Any) -> Iterator[None]:
+    """Ray workers' ``[train] …`` lines (forwarded to this driver) feed ``progress`` too."""
+    from atlas.ray_logs import forward_worker_progress
+
+    restore = forward_worker_progress(progress.line)
+    try:
+        yield
+    finally:
+        restore()
+
+
+def _stop_local_ray() -> None:
+    """Shut down the Ray this process started or joined (a no-op when none)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 @app.command()
@@ -222,8 +275,12 @@ def serve(
         help="Deploy on this running Ray cluster (e.g. auto) instead of starting a local Ray.")] = None,
     max_cells_per_request: Annotated[int, typer.Option(help="Most cells in one request.")] = 10_000,
     max_request_mb: Annotated[int, typer.Option(help="Largest request body in MiB.")] = 64,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show Ray's and Serve's own logs on screen too.")] = False,
+    log_file: Annotated[Path | None, typer.Option(
+        help="Where Ray's and Serve's own logs go (default: a new file under the temp dir, printed).")] = None,
 ) -> None:
-    """Serve ARTIFACT for query mapping (Ray Serve on a local Ray) until Ctrl-C.
+    """Serve ARTIFACT for query mapping (Ray Serve on a local Ray) until Ctrl-C or SIGTERM, which
+    shut Serve and the local Ray down and exit 0.
 
     Clients: `atlas map QUERY.h5ad -o OUT.h5ad --url http://HOST:PORT` or atlas.client.AtlasClient.
     """
@@ -238,7 +295,9 @@ def serve(
     if token_file is not None:
         load_tokens(str(token_file))  # a missing or empty file is a user error, before Ray starts
         args["token_file"] = str(token_file)
-    elif not os.environ.get("ATLAS_TOKEN", "").strip():
+    elif os.environ.get("ATLAS_TOKEN", "").strip():
+        load_tokens(None, "ATLAS_TOKEN")  # a too-short token is a user error, before Ray starts
+    else:
         token = secrets.token_urlsafe(32)
         fd, path = tempfile.mkstemp(prefix="atlas-token-", text=True)  # mode 0600
         with os.fdopen(fd, "w") as f:
@@ -246,7 +305,13 @@ def serve(
         args["token_file"] = path
         typer.echo(f"no --token-file or $ATLAS_TOKEN: generated a token (saved in {path}):\n"
                    f"  export ATLAS_TOKEN={token}", err=True)
-    run_service(args, host=host, port=port, address=address, log_line=lambda line: typer.echo(line, err=True))
+    from atlas.stopping import stop_on_signals
+
+    try:
+        with stop_on_signals(), _ray_screen("serve", verbose, log_file) as say:
+            run_service(args, host=host, port=port, address=address, log_line=say)
+    except KeyboardInterrupt:
+        pass  # run_service said so in one line, and shut Serve and its local Ray down
 
 
 def _parse_thresholds(value: str) -> Any:

@@ -17,6 +17,7 @@ import yaml
 
 from atlas.demo_data import PBMC10K, demo_cache_dir, demo_dataset
 from atlas.local_cluster import local_head, submit_job
+from atlas.ray_logs import BuildProgress, progress_line, ray_output_to_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,8 +26,11 @@ def shared_data_dir() -> Path:
     return Path(os.environ.get("ATLAS_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
-def _say(message: str) -> None:
-    print(f"\n== {message}", flush=True)
+def _say(message: str, console=None) -> None:
+    if console is None:
+        print(f"\n== {message}", flush=True)
+    else:
+        console.print(f"\n== {message}", markup=False, highlight=False, soft_wrap=True)
 
 
 def run_demo(out: Path, *, epochs: int = 2, num_workers: int = 2) -> Path:
@@ -72,19 +76,29 @@ def run_demo(out: Path, *, epochs: int = 2, num_workers: int = 2) -> Path:
     }
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
 
-    _say("2/5 start a local Ray head (its own process group and temp dir; stopped at the end)")
-    # Logical CPUs, not cores: the build's workers and read tasks, then the service's ingress,
-    # encoder (2) and one replica per shard must all fit, and they take turns on the cores.
-    with local_head(num_cpus=max(os.cpu_count() or 1, num_workers + 2, 8), log=out / "ray-head.log") as head:
-        print(f"   dashboard {head.dashboard_url}")
-        _say(f"3/5 ray job submit -- python jobs/build_atlas.py --config {config_path}")
+    logs = out / "logs"
+    _say("2/5 start a local Ray head (its own process group, temp dir and token; stopped at the end)")
+    print(f"   Ray's and Ray Serve's own logs go to {logs}/", flush=True)
+    # Ray's output (its loggers, forwarded worker logs, native core logs) goes to the log file;
+    # the screen keeps the steps, progress bars and tables.
+    with ray_output_to_file(logs / "ray.log") as console, \
+            local_head(num_cpus=max(os.cpu_count() or 1, num_workers + 2, 8), log=logs / "ray-head.log") as head:
+        console.print(f"   dashboard {head.dashboard_url}", highlight=False)
+        _say(f"3/5 ray job submit -- python jobs/build_atlas.py --config {config_path}", console)
         t = time.perf_counter()
-        submit_job(head, REPO, ["python", "jobs/build_atlas.py", "--config", str(config_path)])
+        with BuildProgress(console) as progress:
+            def on_line(line: str) -> None:
+                print(line, flush=True)  # the whole job log, into the log file
+                shown = progress_line(line)
+                if shown:
+                    progress.line(shown)
+
+            submit_job(head, REPO, ["python", "jobs/build_atlas.py", "--config", str(config_path)], on_line=on_line)
         build_seconds = time.perf_counter() - t
-        _print_summary(artifact)
+        _print_summary(artifact, console)
         _say("4/5 serve the atlas with Ray Serve on the same head (bearer token in "
-             f"{out / 'serve_token'})")
-        mapped, timings = _serve_and_map(head, artifact, out, query)
+             f"{out / 'serve_token'})", console)
+        mapped, timings = _serve_and_map(head, artifact, out, query, console)
     print("   the mapping service and the local Ray head are stopped")
 
     _say("5/5 the held-out query, mapped through the service")
@@ -101,7 +115,7 @@ def run_demo(out: Path, *, epochs: int = 2, num_workers: int = 2) -> Path:
     return artifact
 
 
-def _serve_and_map(head, artifact: Path, out: Path, query) -> tuple:
+def _serve_and_map(head, artifact: Path, out: Path, query, console) -> tuple:
     """Deploy the mapping app on the head, map the RNA of ``query`` with the SDK, stop the app."""
     import secrets
 
@@ -128,13 +142,16 @@ def _serve_and_map(head, artifact: Path, out: Path, query) -> tuple:
         t = time.perf_counter()
         url = run_service(ServiceArgs(artifact=str(artifact), token_file=str(token_file)),
                           address=head.gcs_address, port=free_port(), blocking=False,
-                          log_line=lambda line: print(f"   {line}"))
+                          log_line=lambda line: console.print(f"   {line}", markup=False, highlight=False, soft_wrap=True))
         timings["service start"] = time.perf_counter() - t
         with AtlasClient(url, token=token) as client:
             info = client.info()
-            print(f"   GET /v1/atlas: atlas {info.get('atlas_version')}, levels {info.get('levels')}")
+            console.print(f"   GET /v1/atlas: atlas {info.get('atlas_version')}, levels {info.get('levels')}",
+                          markup=False, highlight=False, soft_wrap=True)
             t = time.perf_counter()
-            mapped = client.map(rna_only, levels=["cell_type_l1", "cell_type_l2"], predict=["protein"])
+            with console.status(f"mapping {rna_only.n_obs:,} cells through the service (SDK → HTTP)…"):
+                mapped = client.map(rna_only, levels=["cell_type_l1", "cell_type_l2"], predict=["protein"],
+                                    progress=False)
             timings[f"map {query.n_obs:,} cells (SDK → HTTP)"] = time.perf_counter() - t
     finally:
         if ray.is_initialized():
@@ -172,7 +189,7 @@ def _print_mapping(query, mapped, timings: dict, seconds: float) -> None:
                   + f"; demo wall time {seconds:.0f} s")
 
 
-def _print_summary(artifact: Path) -> None:
+def _print_summary(artifact: Path, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -180,7 +197,7 @@ def _print_summary(artifact: Path) -> None:
 
     atlas = load_atlas(artifact)  # verifies every file's hash
     m = atlas.manifest
-    console = Console()
+    console = console or Console()
     table = Table("epoch", "loss", "cells", "cells/s (all workers)", title="training")
     for e in m["metrics"]["epochs"]:
         table.add_row(str(e["epoch"] + 1), f"{e['loss']:.4f}", f"{e['cells']:,}", f"{e['cells_per_s']:,.0f}")

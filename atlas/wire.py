@@ -46,6 +46,7 @@ import io
 import json
 import math
 import zipfile
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -208,10 +209,7 @@ def params_from_query(items: Iterable[tuple[str, str]]) -> dict[str, Any]:
             elif value.lower() in ("none", "null", ""):
                 out[key] = None
             elif value.startswith("{"):
-                try:
-                    out[key] = json.loads(value)
-                except json.JSONDecodeError as e:
-                    raise WireError(f"query parameter thresholds is not valid JSON ({e})") from None
+                out[key] = parse_json(value, "query parameter thresholds")
             else:
                 out[key] = _float_text(key, value)
     return out
@@ -351,16 +349,23 @@ def decode_request(body: bytes, content_type: str, *, max_cells: int | None = No
     compressed body may expand to (npz members, Arrow record batches).
     """
     kind = media_type(content_type)
-    if kind == ARROW:
-        payload = _arrow_decode_request(body, max_cells, max_decoded_bytes)
-    elif kind == NPZ:
-        payload = _npz_decode_request(body, max_cells, max_decoded_bytes)
-    elif kind == JSON:
-        payload = _json_decode_request(body, max_cells)
-    else:
+    decoders = {ARROW: lambda: _arrow_decode_request(body, max_cells, max_decoded_bytes),
+                NPZ: lambda: _npz_decode_request(body, max_cells, max_decoded_bytes),
+                JSON: lambda: _json_decode_request(body, max_cells)}
+    if kind not in decoders:
         raise UnsupportedMediaType(
             f"unsupported content type {content_type!r}; send {ARROW} (what atlas.client sends), {NPZ} "
             f"or, for a few cells, {JSON}")
+    try:
+        payload = decoders[kind]()
+    except WireError:
+        raise
+    except _malformed() as e:
+        # The checks above name the common faults; a body malformed in a way they do not foresee
+        # (found by fuzzing: a corrupt zip member, a field of the wrong JSON type) is still the
+        # client's fault, a 400, never a 500.
+        raise WireError(f"the body is not a well-formed {kind} map request ({type(e).__name__}: {e}); "
+                        "see atlas.wire for the format, or send it with atlas.client") from None
     if payload.n_cells == 0:
         raise WireError("the request holds no cells")
     if not payload.modalities:
@@ -368,6 +373,14 @@ def decode_request(body: bytes, content_type: str, *, max_cells: int | None = No
     if not isinstance(payload.params, dict):
         raise WireError("params must be a JSON object")
     return payload
+
+
+def _malformed() -> tuple[type[BaseException], ...]:
+    """What decoding a body malformed in an unforeseen way raises (pyarrow imported lazily)."""
+    import pyarrow as pa
+
+    return (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError, EOFError,
+            NotImplementedError, zipfile.BadZipFile, zlib.error, pa.ArrowException)
 
 
 class TooManyCells(WireError):
@@ -433,10 +446,7 @@ def _arrow_meta(table: Any, key: bytes) -> dict[str, Any]:
     raw = (table.schema.metadata or {}).get(key)
     if raw is None:
         raise WireError(f"the Arrow stream has no {key.decode()!r} schema metadata (see atlas.wire)")
-    try:
-        meta = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise WireError(f"the {key.decode()!r} schema metadata is not JSON ({e})") from None
+    meta = parse_json(raw, f"the {key.decode()!r} schema metadata")
     if not isinstance(meta, dict):
         raise WireError(f"the {key.decode()!r} schema metadata must be a JSON object")
     return meta
@@ -527,10 +537,7 @@ def _npz_json(z: Any, key: str) -> Any:
     raw = _npz_get(z, key)
     if raw.ndim != 0 or raw.dtype.kind != "U":
         raise WireError(f"the .npz {key!r} must be a 0-d string holding JSON")
-    try:
-        return json.loads(str(raw))
-    except json.JSONDecodeError as e:
-        raise WireError(f"the .npz {key!r} is not JSON ({e})") from None
+    return parse_json(str(raw), f"the .npz {key!r}")
 
 
 def _npz_decode_request(body: bytes, max_cells: int | None, max_decoded_bytes: int | None) -> QueryPayload:
@@ -582,11 +589,19 @@ def _json_counts(m: str, counts: Any, n_cells: int, n_features: int) -> sp.csr_m
     return sp.csr_matrix(dense)
 
 
-def _json_decode_request(body: bytes, max_cells: int | None) -> QueryPayload:
+def parse_json(raw: str | bytes, what: str) -> Any:
+    """``json.loads`` for untrusted text: any failure (bad syntax, bad UTF-8, nesting so deep
+    that the parser's recursion limit is hit) is a :class:`WireError` naming ``what``."""
     try:
-        doc = json.loads(body)
+        return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise WireError(f"the body is not valid JSON ({e})") from None
+        raise WireError(f"{what} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise WireError(f"{what} is JSON nested too deeply to read; the formats here nest a few levels") from None
+
+
+def _json_decode_request(body: bytes, max_cells: int | None) -> QueryPayload:
+    doc = parse_json(body, "the body")
     if not isinstance(doc, dict):
         raise WireError("the JSON body must be an object with cells, features and counts")
     allowed = {"format", "cells", "features", "counts", "modalities", "params"}
@@ -597,7 +612,9 @@ def _json_decode_request(body: bytes, max_cells: int | None) -> QueryPayload:
     if not isinstance(cells, list) or not all(isinstance(c, (str, int)) for c in cells):
         raise WireError("the JSON body needs 'cells': a list of cell ids")
     _check_cells(len(cells), max_cells)
-    blocks = dict(doc.get("modalities") or {})
+    blocks = doc.get("modalities") or {}
+    if not isinstance(blocks, dict):
+        raise WireError("'modalities' in the JSON body must be an object: {modality: {features, counts}}")
     if not isinstance(doc.get("modalities") or {}, dict):
         raise WireError("'modalities' must be an object: {modality: {features, counts}}")
     if "features" in doc or "counts" in doc:
@@ -869,10 +886,7 @@ def decode_result(body: bytes, content_type: str) -> MapResult:
             cells = [str(c) for c in _npz_get(z, "cell_id")]
         return MapResult(cells, entries, doc["uns"])
     if kind == JSON:
-        try:
-            doc = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise WireError(f"the response is not valid JSON ({e})") from None
+        doc = parse_json(body, "the response")
         _check_format(doc)
         entries = {tuple(m["place"]): (_from_json_values(m["values"], m), m["columns"]) for m in doc["entries"]}
         return MapResult([str(c) for c in doc["cells"]], entries, doc["uns"])

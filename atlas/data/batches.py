@@ -47,6 +47,29 @@ def batch_modalities(batch: Mapping[str, torch.Tensor]) -> list[str]:
     return [m for m in MODALITIES if f"{m}_ids" in batch]
 
 
+def row_totals(indptr: np.ndarray, data: np.ndarray) -> np.ndarray:
+    """Sum of each CSR row's values (float32), with 1 for rows whose sum is zero (empty rows
+    anywhere, or explicit zeros), so that dividing by it leaves those rows at zero.
+
+    ``np.add.reduceat`` over every row start is wrong for empty rows (it returns the next
+    row's first value) and out of bounds when the last rows are empty; it is applied to the
+    non-empty rows only.
+    """
+    indptr = np.asarray(indptr, dtype=np.int64)
+    lengths = np.diff(indptr)
+    totals = np.ones(lengths.size, dtype=np.float32)
+    filled = lengths > 0
+    if filled.any():
+        sums = np.add.reduceat(np.asarray(data, dtype=np.float32), indptr[:-1][filled]).astype(np.float32)
+        # reduceat's last segment runs to the end of ``data``: cut it at the last row's end.
+        last_end = indptr[-1]
+        if last_end < len(data):
+            last = np.flatnonzero(filled)[-1]
+            sums[-1] = np.float32(np.sum(np.asarray(data[indptr[last]:last_end], dtype=np.float32)))
+        totals[filled] = np.where(sums != 0, sums, np.float32(1.0))
+    return totals
+
+
 def normalize_log1p(
     indptr: np.ndarray, data: np.ndarray, target_sum: float = TARGET_SUM
 ) -> np.ndarray:
@@ -57,10 +80,7 @@ def normalize_log1p(
     """
     data = np.asarray(data, dtype=np.float32)
     lengths = np.diff(indptr)
-    totals = np.add.reduceat(data, indptr[:-1]) if data.size else np.zeros(0, np.float32)
-    # reduceat returns data[start] for empty rows; those rows contribute no entries anyway.
-    totals = np.where(lengths > 0, totals, 1.0).astype(np.float32)
-    scale = np.repeat(np.float32(target_sum) / totals, lengths)
+    scale = np.repeat(np.float32(target_sum) / row_totals(indptr, data), lengths)
     return np.log1p(data * scale, dtype=np.float32)
 
 
@@ -78,9 +98,7 @@ def tfidf_log1p(
     """
     data = np.asarray(data, dtype=np.float32)
     lengths = np.diff(indptr)
-    totals = np.add.reduceat(data, indptr[:-1]) if data.size else np.zeros(0, np.float32)
-    totals = np.where(lengths > 0, totals, 1.0).astype(np.float32)
-    tf = data / np.repeat(totals, lengths)
+    tf = data / np.repeat(row_totals(indptr, data), lengths)
     return np.log1p(tf * idf[indices].astype(np.float32) * np.float32(scale_factor))
 
 

@@ -94,8 +94,17 @@ def _query_species(features: list[str]) -> str | None:
 
 
 def _check_raw(csr: sp.csr_matrix, modality: str) -> None:
-    sample = csr.data[: 100_000]
-    if sample.size and (np.any(sample < 0) or not np.allclose(sample, np.round(sample))):
+    """Every stored value must be a finite, non-negative whole number (one pass over the values;
+    a NaN or inf anywhere would otherwise poison its cell's normalisation)."""
+    values = csr.data
+    if not values.size or values.dtype.kind in "iub" and values.min() >= 0:
+        return
+    finite = np.isfinite(values)
+    if not finite.all():
+        what = "NaN" if np.isnan(values).any() else "infinite"
+        raise MappingError(f"query {modality} values are not raw counts ({what} values found); "
+                           "pass the unnormalised counts (e.g. in adata.layers['counts']) with no missing values")
+    if values.min() < 0 or not np.array_equal(values, np.round(values)):
         raise MappingError(
             f"query {modality} values are not raw counts (negative or non-integer values found); "
             "pass the unnormalised counts (e.g. in adata.layers['counts'])"

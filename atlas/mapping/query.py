@@ -196,6 +196,7 @@ def assign_labels(emb: np.ndarray, has_data: np.ndarray, searcher: Searcher, lay
     def decide(level: str, pred: np.ndarray, conf: np.ndarray, rejected: np.ndarray) -> np.ndarray:
         threshold = _threshold(thresholds, level)
         rejected = rejected | (pred == "") | ~has_data
+        conf = np.where(has_data, conf, 0.0)  # a cell with no counts carries no evidence for any label
         if threshold is not None:
             rejected = rejected | (conf < threshold)
         obs[f"{level}_pred"] = np.where(rejected, UNKNOWN, pred).astype(str)
@@ -377,6 +378,9 @@ def run_mapping(
                                    k_fine=k_fine, thresholds=thresholds)
     profiles = predict_profiles(coarse, searcher, knn_targets)
     decoded_frames = {m: pd.DataFrame(v, columns=atlas.vocabulary[m]) for m, v in decoded.items()}
+    empty = np.flatnonzero(~has_data)
+    for frame in (*profiles.values(), *decoded_frames.values()):
+        frame.iloc[empty] = np.nan  # predicted from nothing: not measured, not a prediction
     uns = {"atlas": mapping_uns(atlas.manifest, reports, levels, k_coarse, k_fine, thresholds,
                                 predict_method, int((~has_data).sum()))}
     return assemble(adata.obs_names if obs_names is None else obs_names, emb, labels, profiles, decoded_frames,

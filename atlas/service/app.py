@@ -9,6 +9,7 @@ builder's parameter annotation, which must be the class itself, not a string.
 
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Union
@@ -16,6 +17,7 @@ from typing import Any, Callable, Dict, Optional, Union
 from ray.serve import Application
 
 from atlas.service.config import ServiceArgs, local_num_cpus, shard_deployment_names
+from atlas.stopping import rearm
 
 log = logging.getLogger(__name__)
 
@@ -90,21 +92,32 @@ def run_service(args: Union[ServiceArgs, Dict[str, Any]], *, host: str = "127.0.
         else:
             ray.init(address=address, configure_logging=False)
         started = True
-    app = build_app(args)
-    serve.start(http_options={"host": host, "port": port})
-    log_line(f"deploying the mapping service for {args.artifact} (this takes a little while)…")
-    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
-    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-    log_line(f"atlas mapping service ready at {url}  (docs: {url}/docs; Ctrl-C stops it)")
-    if not blocking:
-        return url
+        rearm()  # ray.init replaced the SIGTERM handler of `atlas serve` with sys.exit
+    stopped = False
     try:
+        app = build_app(args)
+        serve.start(http_options={"host": host, "port": port})
+        log_line(f"deploying the mapping service for {args.artifact} (this takes a little while)…")
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        log_line(f"atlas mapping service ready at {url}  (docs: {url}/docs; Ctrl-C stops it)")
+        if not blocking:
+            return url
         while True:
             time.sleep(1)
-    except KeyboardInterrupt:
-        log_line("stopping the mapping service…")
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM under atlas.stopping.stop_on_signals
+        stopped = True
+        log_line(f"{getattr(stop, 'signal_name', 'SIGINT')}: stopping the mapping service…")
+        raise
     finally:
+        if blocking or stopped or sys.exc_info()[0] is not None:
+            _shutdown(serve, ray, started)
+
+
+def _shutdown(serve, ray, started: bool) -> None:
+    """Serve down, then the Ray this process started (a joined cluster keeps running)."""
+    try:
         serve.shutdown()
+    finally:
         if started:
             ray.shutdown()
-    return None

@@ -28,8 +28,9 @@ def write_embedding(
 ) -> versions.StoreVersion:
     """Stream ``(soma_joinid [n], embedding [n, d])`` chunks into ``ms[modality].obsm[name]``.
 
-    Returns the new store version. An existing embedding of the same name is an error (names
-    carry the build, so a rebuild writes a new one).
+    Returns the new store version. An embedding of the same name (the same build config run
+    again) is replaced in the new version only: every older version keeps the one it had, and
+    the atlas artifact records which version holds its embedding.
     """
     with versions.writer_lock(store):
         return _write_embedding(store, modality, name, chunks, metadata)
@@ -42,13 +43,12 @@ def _write_embedding(store, modality, name, chunks, metadata) -> versions.StoreV
         with tiledbsoma.Experiment.open(str(staging)) as exp:
             ids = exp.obs.read(column_names=["soma_joinid"]).concat().column("soma_joinid")
             n_obs = int(pa.compute.max(ids).as_py()) + 1
+        replaced = _remove_from_staging(staging, modality, name)
         written = 0
         array = None
         with tiledbsoma.Experiment.open(str(staging), "w") as exp:
             ms = exp.ms[modality]
             obsm = ms["obsm"] if "obsm" in ms else ms.add_new_collection("obsm")
-            if name in obsm:
-                raise versions.StoreError(f"the store already has an embedding '{name}' in {modality}.obsm")
             for joinids, matrix in chunks:
                 if array is None:
                     array = obsm.add_new_sparse_ndarray(name, type=pa.float32(), shape=(n_obs, matrix.shape[1]))
@@ -63,12 +63,36 @@ def _write_embedding(store, modality, name, chunks, metadata) -> versions.StoreV
             if array is None:
                 raise versions.StoreError("no embeddings to write")
             array.metadata["atlas_embedding"] = json.dumps({**metadata, "cells": written})
-        return versions.publish_version(
-            store, staging, {"action": "embedding", "modality": modality, "embedding": name, "cells": written}
-        )
+        change = {"action": "embedding", "modality": modality, "embedding": name, "cells": written}
+        if replaced:
+            change["replaced"] = True
+        return versions.publish_version(store, staging, change)
     except BaseException:
         versions.abandon_version(staging)
         raise
+
+
+def _remove_from_staging(staging, modality: str, name: str) -> bool:
+    """Drop ``ms[modality].obsm[name]`` from a staging tree; True if it was there.
+
+    The staging tree's files are hard links to the current version's: unlinking them here and
+    removing the group member (a new group fragment, written only in staging) leaves every
+    published version as it was.
+    """
+    import shutil
+    from pathlib import Path
+
+    with tiledbsoma.Experiment.open(str(staging)) as exp:
+        ms = exp.ms[modality]
+        if "obsm" not in ms or name not in ms["obsm"]:
+            return False
+        member = Path(ms["obsm"][name].uri.removeprefix("file://"))
+    with tiledbsoma.Collection.open(str(member.parent), "d") as obsm:  # "d": delete members
+        del obsm[name]
+    if Path(staging).resolve() not in member.resolve().parents:
+        raise versions.StoreError(f"embedding '{name}' lives outside the store's staging tree ({member}); not removed")
+    shutil.rmtree(member)
+    return True
 
 
 def read_embedding(uri: str, modality: str, name: str) -> tuple[np.ndarray, np.ndarray, dict]:

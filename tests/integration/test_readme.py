@@ -14,13 +14,14 @@ import re
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import anndata as ad
 import httpx
 import numpy as np
 import pytest
+
+from tests.service_process import wait_healthy
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
@@ -95,20 +96,6 @@ def _free(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the service exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise AssertionError(f"no healthy service at {url} after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
-
-
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does
@@ -179,7 +166,7 @@ def test_the_tour_runs_as_written(tour_dir):
         service = subprocess.Popen(["bash", "-c", f"source .venv/bin/activate && exec {serve_cmd}"], cwd=root,
                                    env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_healthy("http://127.0.0.1:8000", service, serve_log)
+        wait_healthy("http://127.0.0.1:8000", service, serve_log)
         for command in shell_commands(bash2):
             if command.startswith("atlas map"):
                 _bash(command, root, env, log)
@@ -217,7 +204,7 @@ def test_serve_run_config_yaml(tour_dir, tiny_atlas):
         proc = subprocess.Popen(["bash", "-c", f"source .venv/bin/activate && exec {command}"], cwd=root, env=env,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_healthy("http://127.0.0.1:8000", proc, log)
+        wait_healthy("http://127.0.0.1:8000", proc, log)
         headers = {"Authorization": f"Bearer {token}"}
         info = httpx.get("http://127.0.0.1:8000/v1/atlas", headers=headers, timeout=30).json()
         assert info["levels"] == ["cell_type_l1", "cell_type_l2"]

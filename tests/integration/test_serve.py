@@ -336,6 +336,24 @@ def test_bad_input_is_4xx_with_the_mappers_message(service, case, status, match)
     _assert_problem(_post(service, body, content_type, query), status, match)
 
 
+def test_deeply_nested_json_is_400(service):
+    body = b"[" * 100_000 + b"]" * 100_000  # was a 500: the parser's recursion limit
+    _assert_problem(_post(service, body, wire.JSON), 400, "nested too deeply")
+
+
+def test_a_cell_with_no_counts_maps_to_unknown_over_http(service):
+    """A 2-cell JSON request whose second cell is all zeros got a 500."""
+    cells = service.query[:2].copy()
+    x = sp.csr_matrix(cells.X).tolil()
+    x[1] = 0
+    cells.X = x.tocsr()
+    served = _map_http(service, cells, wire.JSON)
+    for level in LEVELS:
+        assert served.obs[f"{level}_pred"].iloc[1] == "unknown" and served.obs[f"{level}_confidence"].iloc[1] == 0
+        assert served.obs[f"{level}_pred"].iloc[0] != "unknown" or served.obs[f"{level}_confidence"].iloc[0] > 0
+    assert served.uns["atlas"]["n_no_data"] == 1
+
+
 # -- the SDK and the CLI -----------------------------------------------------------------------
 
 

@@ -221,3 +221,35 @@ def test_sparse_obsm_frames_are_read_without_densifying():
     assert query_modalities(adata) == ["ATAC"]
     csr, features = query_matrix(adata, "ATAC")
     assert features[3] == "chr1:3" and (csr != peaks).nnz == 0
+
+
+@pytest.mark.real_data
+@pytest.mark.parametrize("where", ["first", "middle", "last", "all"])
+def test_a_cell_with_no_counts_is_unknown_with_confidence_zero_wherever_it_sits(tiny_atlas, where):
+    """A query whose last cell had no counts over the atlas's features crashed mapping
+    (``add.reduceat`` out of bounds); one in the middle got confidence 0.4."""
+    import scipy.sparse as sp
+
+    atlas, query, _ = tiny_atlas
+    cells = query[:5].copy()
+    x = sp.csr_matrix(cells.X, dtype=np.float32).tolil()
+    empty = {"first": [0], "middle": [2], "last": [4], "all": [0, 1, 2, 3, 4]}[where]
+    for row in empty:
+        x[row] = 0
+    cells.X = x.tocsr()
+    out = map_query(cells, atlas, predict=["protein"])
+    assert out.uns["atlas"]["n_no_data"] == len(empty)
+    for lv in LEVELS:
+        assert (out.obs[f"{lv}_pred"].iloc[empty] == "unknown").all()
+        assert (out.obs[f"{lv}_confidence"].iloc[empty] == 0).all()
+        assert out.obs[f"{lv}_unknown"].iloc[empty].all()
+    assert np.isnan(out.obsm["protein_pred"].to_numpy()[empty]).all()
+    # The other cells map exactly as they do without the empty ones beside them.
+    rest = [i for i in range(5) if i not in empty]
+    if rest:
+        alone = map_query(cells[rest].copy(), atlas, predict=["protein"])
+        for lv in LEVELS:
+            assert out.obs[f"{lv}_pred"].iloc[rest].tolist() == alone.obs[f"{lv}_pred"].tolist()
+            np.testing.assert_allclose(out.obs[f"{lv}_confidence"].iloc[rest], alone.obs[f"{lv}_confidence"], rtol=1e-5)
+        np.testing.assert_allclose(out.obsm["protein_pred"].to_numpy()[rest], alone.obsm["protein_pred"].to_numpy(),
+                                   rtol=1e-5)
