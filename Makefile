@@ -22,6 +22,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 env: $(VENV)/.installed
 
 test: env
+	$(VENV)/bin/ruff check atlas tests benchmarks jobs serve
 	$(PY) -m pytest tests
 
 demo: env

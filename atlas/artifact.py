@@ -100,7 +100,7 @@ def write_manifest(
     for modality, values in sorted((idf or {}).items()):
         idf_files[modality] = _write_idf(root, modality, values, len(vocabulary.get(modality, [])))
 
-    now = _dt.datetime.now(_dt.timezone.utc)
+    now = _dt.datetime.now(_dt.UTC)
     manifest = {
         "format_version": FORMAT_VERSION,
         "atlas_version": atlas_version or f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}",

@@ -31,6 +31,7 @@ from atlas.data.reader import open_experiment
 from atlas.embed import embed_dataset, iter_embeddings
 from atlas.index.shards import build_hierarchy
 from atlas.models.config import config_to_dict
+from atlas.names import store_embedding
 from atlas.staging import staged_output
 from atlas.stopping import rearm
 from atlas.store.embeddings import write_embedding
@@ -187,14 +188,14 @@ def build_atlas(build: BuildConfig, *, resume: bool = False, overwrite: bool = F
     embedding_version = None
     if version is not None:
         written = write_embedding(
-            build.store, modalities[0], f"atlas_{build.name}",
+            build.store, modalities[0], store_embedding(build.name),
             ((joinids[i : i + 65536], embeddings[i : i + 65536]) for i in range(0, joinids.size, 65536)),
             {"atlas_version": atlas_version, "model": build.model.model, "modalities": list(modalities),
              "built_from_store_version": version.version},
         )
         embedding_version = written.version
         log(f"[build] embeddings written to the store as version {written.version} "
-            f"({modalities[0]}.obsm['atlas_{build.name}'])")
+            f"({modalities[0]}.obsm['{store_embedding(build.name)}'])")
 
     t = time.perf_counter()
     levels = list(build.index.levels)

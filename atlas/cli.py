@@ -19,6 +19,8 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from atlas.names import level_of, pred_key
+
 app = typer.Typer(
     name="atlas",
     help="Single-cell reference atlases on Ray: ingest, build, serve, map.",
@@ -314,42 +316,13 @@ def serve(
         pass  # run_service said so in one line, and shut Serve and its local Ray down
 
 
-def _parse_thresholds(value: str) -> Any:
-    """``calibrated`` | ``none`` | a number | ``level=value,level=value``."""
-    from atlas.mapping.align import MappingError
-
-    text = value.strip()
-    if text.lower() in ("calibrated", "none"):
-        return None if text.lower() == "none" else "calibrated"
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    out = {}
-    for item in text.split(","):
-        level, sep, number = item.partition("=")
-        try:
-            out[level.strip()] = float(number)
-        except ValueError:
-            sep = ""
-        if not sep or not level.strip():
-            raise MappingError(f"--thresholds {value!r}: expected calibrated, none, a number or LEVEL=NUMBER,...")
-    return out
-
-
-def _names(value: str | None) -> list[str] | None:
-    if value is None:
-        return None
-    names = [v.strip() for v in value.split(",") if v.strip()]
-    return [] if names in ([], ["none"]) else names
-
-
 @app.command("map")
 @user_errors
 def map_cells(
     query: Annotated[Path, typer.Argument(help="Query cells (.h5ad) with raw counts (X or layers['counts']).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the result (.h5ad).")],
-    url: Annotated[str | None, typer.Option(help="A mapping service (atlas serve / RayService), e.g. http://127.0.0.1:8000.")] = None,
+    url: Annotated[str | None, typer.Option(
+        help="A mapping service (atlas serve / RayService), e.g. http://127.0.0.1:8000.")] = None,
     token: Annotated[str | None, typer.Option(help="The service's bearer token (default: $ATLAS_TOKEN).")] = None,
     token_file: Annotated[Path | None, typer.Option(help="File holding the service's bearer token.")] = None,
     atlas_dir: Annotated[Path | None, typer.Option("--atlas", help="Map offline onto this artifact folder instead.")] = None,
@@ -373,6 +346,8 @@ def map_cells(
     """
     import anndata as ad
 
+    from atlas.mapping.params import names_from_text, thresholds_from_text
+
     if (url is None) == (atlas_dir is None):
         raise fail("give exactly one of --url (a mapping service) or --atlas (an artifact folder)")
     if atlas_dir is not None and (token or token_file):
@@ -383,7 +358,7 @@ def map_cells(
         raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
     if not query.is_file():
         raise FileNotFoundError(f"query file {query} not found")
-    options = dict(predict_method=predict_method, thresholds=_parse_thresholds(thresholds), k_coarse=k_coarse,
+    options = dict(predict_method=predict_method, thresholds=thresholds_from_text(thresholds), k_coarse=k_coarse,
                    k_fine=k_fine, return_neighbors=neighbors)
     adata = ad.read_h5ad(query)
     if url is not None:
@@ -391,16 +366,16 @@ def map_cells(
 
         secret = token_file.read_text().strip() if token_file is not None else token
         with AtlasClient(url, secret, max_cells_per_request=max_cells_per_request) as client:
-            out = client.map(adata, _names(levels), _names(predict), progress=progress, **options)
+            out = client.map(adata, names_from_text(levels), names_from_text(predict), progress=progress, **options)
     else:
         from atlas.artifact import load_atlas
         from atlas.mapping import map_query
 
-        out = map_query(adata, load_atlas(atlas_dir), _names(levels), _names(predict), **options)
+        out = map_query(adata, load_atlas(atlas_dir), names_from_text(levels), names_from_text(predict), **options)
     output.parent.mkdir(parents=True, exist_ok=True)
     out.write_h5ad(output)
     summary = ", ".join(f"{c[:-len('_unknown')]} {out.obs[c].mean():.0%} unknown"
-                        for c in out.obs.columns if c.endswith("_unknown"))
+                        for c in out.obs.columns if level_of(c, "unknown"))
     typer.echo(f"mapped {out.n_obs} cells onto atlas {out.uns['atlas']['version']} ({summary}); wrote {output}")
 
 
@@ -436,9 +411,11 @@ def evaluate(
         example = f" (e.g. {missing[0]!r} is not in the query)" if len(missing) else ""
         raise fail(f"cell ids differ: {mapped} has {len(m_ids)} cells, {query} has {len(q_ids)}, "
                    f"{len(missing)} mapped cells missing from the query{example}; give the query that was mapped")
-    names = _names(levels) if levels is not None else None
+    from atlas.mapping.params import names_from_text
+
+    names = names_from_text(levels) if levels is not None else None
     for level in names or []:
-        if f"{level}_pred" not in out.obs.columns:
+        if pred_key(level) not in out.obs.columns:
             raise fail(f"--levels {level}: {mapped} has no '{level}_pred' column")
         if level not in q.obs.columns:
             raise fail(f"--levels {level}: {query} has no obs column '{level}' with true labels")

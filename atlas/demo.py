@@ -17,6 +17,7 @@ import yaml
 
 from atlas.demo_data import PBMC10K, demo_cache_dir, demo_dataset
 from atlas.local_cluster import local_head, submit_job
+from atlas.names import pred_key, profile_key
 from atlas.ray_logs import BuildProgress, progress_line, ray_output_to_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,11 +177,11 @@ def _print_mapping(query, mapped, timings: dict, seconds: float) -> None:
     table = Table("level", "cells with a label", "accuracy", "macro-F1", "unknown", "accuracy (accepted)",
                   title=f"{query.n_obs:,} held-out cells (RNA only) mapped onto the atlas")
     for level in ("cell_type_l1", "cell_type_l2"):
-        r = label_transfer(query.obs[level].astype(str), mapped.obs[f"{level}_pred"])
+        r = label_transfer(query.obs[level].astype(str), mapped.obs[pred_key(level)])
         table.add_row(level, f"{r.n_cells:,}", f"{r.accuracy:.3f}", f"{r.macro_f1:.3f}",
                       f"{r.unknown_fraction:.1%}", f"{r.accuracy_accepted:.3f}")
     console.print(table)
-    proteins = feature_pearson(mapped.obsm["protein_pred"], log_normalise_frame(query.obsm["protein_counts"]))
+    proteins = feature_pearson(mapped.obsm[profile_key("protein")], log_normalise_frame(query.obsm["protein_counts"]))
     best, worst = proteins.per_feature.idxmax(), proteins.per_feature.idxmin()
     console.print(f"protein prediction from RNA ({len(proteins.per_feature)} proteins, Pearson r vs measured): "
                   f"median {proteins.median:.3f}, best {best} {proteins.per_feature[best]:.3f}, "

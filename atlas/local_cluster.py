@@ -25,8 +25,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 

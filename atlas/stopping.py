@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
-
 _armed: dict[int, object] = {}
 _received: list[int] = []
 """The handlers of the innermost active :func:`stop_on_signals`, by signal."""

@@ -56,6 +56,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from atlas.errors import AtlasError
+from atlas.names import MODALITIES
 
 ARROW = "application/vnd.apache.arrow.stream"
 NPZ = "application/x-npz"
@@ -65,7 +66,6 @@ REQUEST_FORMAT = "atlas.map-request/1"
 RESPONSE_FORMAT = "atlas.map-response/1"
 _REQUEST_KEY = b"atlas.request"
 _RESPONSE_KEY = b"atlas.response"
-MODALITIES = ("RNA", "protein", "ATAC")
 PREDICT_METHODS = ("knn", "decoder", "both")
 _NUMERIC_KINDS = "iuf"
 
@@ -379,8 +379,11 @@ def _malformed() -> tuple[type[BaseException], ...]:
     """What decoding a body malformed in an unforeseen way raises (pyarrow imported lazily)."""
     import pyarrow as pa
 
+    # SystemError / MemoryError: pyarrow raises them for some corrupt length fields; RuntimeError:
+    # zipfile, for a member whose flags say "encrypted" (all found by fuzzing).
     return (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError, EOFError,
-            NotImplementedError, zipfile.BadZipFile, zlib.error, pa.ArrowException)
+            NotImplementedError, SystemError, MemoryError, RuntimeError, zipfile.BadZipFile, zlib.error,
+            pa.ArrowException)
 
 
 class TooManyCells(WireError):
@@ -766,7 +769,7 @@ def concat_results(parts: Sequence[MapResult]) -> MapResult:
             raise WireError("chunk results differ in their metadata (atlas version "
                             f"{version(first.uns)} vs {version(p.uns)}); map the query again")
     entries = {}
-    for place, (values, columns) in first.entries.items():
+    for place, (_, columns) in first.entries.items():
         entries[place] = (np.concatenate([p.entries[place][0] for p in parts]), columns)
     uns = json.loads(json.dumps(first.uns))
     if isinstance(uns.get("atlas"), dict) and "n_no_data" in uns["atlas"]:

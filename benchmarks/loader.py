@@ -93,7 +93,7 @@ def run_peer(store: str, batch_size: int, epochs: int, modality: str, workers: i
             for epoch in range(epochs):
                 ds.set_epoch(epoch)
                 start, cells, nnz = time.perf_counter(), 0, 0
-                for X, obs in loader:
+                for X, _obs in loader:
                     cells += X.shape[0]
                     nnz += X.nnz if hasattr(X, "nnz") else int((X != 0).sum())
                 results.append({"epoch": epoch, "cells": cells, "nnz": nnz, "seconds": time.perf_counter() - start})

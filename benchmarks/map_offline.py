@@ -173,7 +173,9 @@ def agreement(ours_dir: Path, peer_h5ad: Path) -> float:
     import pyarrow.parquet as pq
 
     peer = ad.read_h5ad(peer_h5ad, backed="r")
-    level = [c for c in peer.obs.columns if c.endswith("_pred")][-1]
+    from atlas.names import level_of
+
+    level = [c for c in peer.obs.columns if level_of(c)][-1]
     files = sorted((ours_dir / "cells").glob("*.parquet"))
     table = pa.concat_tables(pq.read_table(p, columns=["row", level]) for p in files).sort_by("row")
     ours = np.asarray(table.column(level).to_pylist(), dtype=object)

@@ -51,6 +51,8 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere: `atlas` is this 
 from quality_tasks.common import commit as _commit  # noqa: E402  (benchmarks/ is the script's folder)
 from quality_tasks.common import start_ray  # noqa: E402
 
+from atlas.names import confidence_key, pred_key, profile_key, unknown_key  # noqa: E402
+
 DATA = Path(os.environ.get("ATLAS_SHARED_DATA", REPO.parent / "shared" / "data"))
 PBMC10K = "pbmc10k_10x_cite_totalvi_rna4000hvg_adt14_labelled.h5ad"
 LEVELS = ["cell_type_l1", "cell_type_l2"]
@@ -169,9 +171,9 @@ def score_mapping(mapped, truth: pd.DataFrame, proteins: pd.DataFrame) -> dict:
 
     out = {}
     for level in LEVELS:
-        out[level] = label_transfer(truth[level].to_numpy(), mapped.obs.loc[truth.index, f"{level}_pred"].to_numpy(),
+        out[level] = label_transfer(truth[level].to_numpy(), mapped.obs.loc[truth.index, pred_key(level)].to_numpy(),
                                     ignore=("", *UNLABELED))
-    out["protein"] = feature_pearson(mapped.obsm["protein_pred"], proteins)
+    out["protein"] = feature_pearson(mapped.obsm[profile_key("protein")], proteins)
     return out
 
 
@@ -182,8 +184,8 @@ def score_unseen(mapped, truth: pd.DataFrame) -> dict:
     l1 = truth["cell_type_l1"].astype(str)
     labelled = ~l1.isin(UNLABELED).to_numpy()
     unseen = (l1 == UNSEEN_L1).to_numpy()
-    conf = mapped.obs.loc[truth.index, "cell_type_l1_confidence"].to_numpy(np.float64)
-    pred = mapped.obs.loc[truth.index, "cell_type_l1_pred"].astype(str)
+    conf = mapped.obs.loc[truth.index, confidence_key("cell_type_l1")].to_numpy(np.float64)
+    pred = mapped.obs.loc[truth.index, pred_key("cell_type_l1")].astype(str)
     return {
         "auroc": rejection_auroc(unseen[labelled], conf[labelled]),
         "n_unseen": int(unseen.sum()), "n_seen": int((labelled & ~unseen).sum()),
@@ -200,7 +202,7 @@ def flagged_by_threshold(mapped, truth: pd.DataFrame) -> dict:
     l1 = truth["cell_type_l1"].astype(str)
     unseen = (l1 == UNSEEN_L1).to_numpy()
     seen = (~l1.isin(UNLABELED) & (l1 != UNSEEN_L1)).to_numpy()
-    flag = mapped.obs.loc[truth.index, "cell_type_l1_unknown"].to_numpy(bool)
+    flag = mapped.obs.loc[truth.index, unknown_key("cell_type_l1")].to_numpy(bool)
     return {"unseen_flagged_fraction": float(flag[unseen].mean()), "seen_flagged_fraction": float(flag[seen].mean())}
 
 
@@ -262,7 +264,8 @@ def markdown(r: dict) -> str:
         "",
         f"Run {r['run']['finished']}, {r['run']['wall_s']:.0f} s wall on {r['run']['cpus']} CPU cores "
         f"(commit {r['run']['commit']}; 1-min load average {r['run']['load_average_start'][0]:.1f} at start, "
-        f"{r['run']['load_average_end'][0]:.1f} at end: the machine is shared, times are indicative). Concerto: {r['settings']['epochs']} epochs, batch 64, lr 1e-3, "
+        f"{r['run']['load_average_end'][0]:.1f} at end: the machine is shared, times are indicative). "
+        f"Concerto: {r['settings']['epochs']} epochs, batch 64, lr 1e-3, "
         f"{r['settings']['workers']} Ray Train workers; both methods k = 25 (level 1, proteins) and k = 5 "
         "within the predicted level-1 group (level 2), similarity-weighted vote, no rejection threshold.",
         f"Label metrics on query cells with a gated label (level 1: {c['cell_type_l1']['n_cells']:,} cells, "
@@ -311,7 +314,10 @@ def markdown(r: dict) -> str:
     cal = r["calibrated"]
     lines += [""]
     if cal.get("available"):
-        shown = (lambda th: ", ".join(f"{k} {v:.3f}" for k, v in th.items()))
+
+        def shown(th) -> str:
+            return ", ".join(f"{k} {v:.3f}" for k, v in th.items())
+
         lines += [f"Calibrated thresholds (artifact manifest `mapping.thresholds`, set at build time on reference "
                   f"cells only): full atlas {shown(cal['thresholds_full'])}; CD8-free atlas "
                   f"{shown(cal['thresholds_unseen'])}.", "",
@@ -406,8 +412,8 @@ def main() -> None:
         result["calibrated"] = {
             "available": True, "thresholds_full": th_full, "thresholds_unseen": th_unseen,
             **flagged_by_threshold(cal_unseen, truth),
-            "l1": label_transfer(truth["cell_type_l1"], cal_full.obs.loc[truth.index, "cell_type_l1_pred"]).to_dict(),
-            "l2": label_transfer(truth["cell_type_l2"], cal_full.obs.loc[truth.index, "cell_type_l2_pred"]).to_dict(),
+            "l1": label_transfer(truth["cell_type_l1"], cal_full.obs.loc[truth.index, pred_key("cell_type_l1")]).to_dict(),
+            "l2": label_transfer(truth["cell_type_l2"], cal_full.obs.loc[truth.index, pred_key("cell_type_l2")]).to_dict(),
         }
     else:
         result["calibrated"] = {"available": False,
@@ -417,7 +423,8 @@ def main() -> None:
         confusion_png(scores[name]["cell_type_l1"], title, out / f"confusion_l1_{name}.png")
     result["run"] = {"wall_s": time.perf_counter() - started, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
                      "cpus": os.cpu_count(), "commit": _commit(),
-                     "load_average_start": load_start, "load_average_end": list(os.getloadavg()), "python": platform.python_version(),
+                     "load_average_start": load_start, "load_average_end": list(os.getloadavg()),
+                     "python": platform.python_version(),
                      "ray": ray.__version__, "torch": torch.__version__}
     (out / "results.json").write_text(json.dumps(result, indent=2, default=float))
     text = markdown(result)

@@ -13,37 +13,32 @@ import argparse
 import sys
 
 from atlas.errors import AtlasError
+from atlas.mapping.align import MappingError
 from atlas.mapping.offline import map_offline
-
-
-def _names(value: str | None) -> list[str] | None:
-    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+from atlas.mapping.params import names_from_text, thresholds_from_text
 
 
 def _thresholds(value: str):
-    if value == "calibrated":
-        return value
-    if value.lower() == "none":
-        return None
     try:
-        return float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--thresholds must be 'calibrated', 'none' or a number, got {value!r}") from None
+        return thresholds_from_text(value)
+    except MappingError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The job's options; ``--levels``, ``--predict`` and ``--thresholds`` read as ``atlas map`` reads them."""
     parser = argparse.ArgumentParser(description="Map a query (.h5ad, AnnData-zarr or atlas store) onto an atlas "
                                                  "with Ray Data; write Parquet and a summary.")
     parser.add_argument("--atlas", required=True, help="atlas artifact folder")
     parser.add_argument("--query", required=True, help="query .h5ad file, AnnData-zarr folder or atlas store")
     parser.add_argument("--output", "-o", required=True, help="output folder (cells/*.parquet, summary.json)")
     parser.add_argument("--levels", help="comma-separated label levels (default: all of the atlas)")
-    parser.add_argument("--predict", help="comma-separated modalities to predict (default: all the query lacks)")
+    parser.add_argument("--predict", help="comma-separated modalities to predict, or none (default: all the query lacks)")
     parser.add_argument("--predict-method", default="knn", choices=["knn", "decoder", "both"])
     parser.add_argument("--k-coarse", type=int, default=25)
     parser.add_argument("--k-fine", type=int, default=5)
     parser.add_argument("--thresholds", type=_thresholds, default="calibrated",
-                        help="'calibrated' (default), 'none' or one minimum confidence for every level")
+                        help="'calibrated' (default), 'none', one minimum confidence for every level, or LEVEL=NUMBER,...")
     parser.add_argument("--actors", type=int, default=1, help="mapping actors (each loads the atlas once)")
     parser.add_argument("--cpus-per-actor", type=float, default=1.0)
     parser.add_argument("--block-cells", type=int, default=8192, help="cells per read task / mapping call")
@@ -51,10 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", action="store_true", help="one GPU per actor")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     try:
         summary = map_offline(
-            args.query, args.atlas, args.output, levels=_names(args.levels), predict=_names(args.predict),
+            args.query, args.atlas, args.output, levels=names_from_text(args.levels),
+            predict=names_from_text(args.predict),
             predict_method=args.predict_method, k_coarse=args.k_coarse, k_fine=args.k_fine,
             thresholds=args.thresholds, block_cells=args.block_cells, actors=args.actors,
             cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size, use_gpu=args.gpu,

@@ -33,7 +33,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-MODALITIES = ("RNA", "protein", "ATAC")
+from atlas.names import MODALITIES  # noqa: F401 - part of this module's interface
+
 TARGET_SUM = 1e4
 
 
@@ -80,8 +81,9 @@ def normalize_log1p(
     """
     data = np.asarray(data, dtype=np.float32)
     lengths = np.diff(indptr)
-    scale = np.repeat(np.float32(target_sum) / row_totals(indptr, data), lengths)
-    return np.log1p(data * scale, dtype=np.float32)
+    # x / total ≤ 1 first: target_sum / total overflows float32 for a cell whose total is tiny.
+    fraction = data.astype(np.float64) / np.repeat(row_totals(indptr, data).astype(np.float64), lengths)
+    return np.log1p(fraction * target_sum).astype(np.float32)
 
 
 def tfidf_log1p(

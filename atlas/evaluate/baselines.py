@@ -37,8 +37,7 @@ from sklearn.decomposition import PCA
 
 from atlas.data.batches import normalize_log1p
 from atlas.mapping.vote import mean_profile, weighted_vote
-
-UNKNOWN = "unknown"
+from atlas.names import UNKNOWN, confidence_key, pred_key, profile_key, unknown_key
 
 
 @dataclass(frozen=True)
@@ -214,15 +213,15 @@ class PcaKnnBaseline:
             rejected = rejected | (pred == "")
             if threshold is not None:
                 rejected = rejected | (conf < float(threshold))
-            obs[f"{level}_pred"] = np.where(rejected, UNKNOWN, pred).astype(str)
-            obs[f"{level}_confidence"] = conf
-            obs[f"{level}_unknown"] = rejected
+            obs[pred_key(level)] = np.where(rejected, UNKNOWN, pred).astype(str)
+            obs[confidence_key(level)] = conf
+            obs[unknown_key(level)] = rejected
             path = np.concatenate([path, pred[:, None]], axis=1)  # routed by the vote, as the atlas
         result = ad.AnnData(obs=obs)
         result.obsm["X_pca"] = coords
         for modality, (features, values) in self.profiles_.items():
             mean = mean_profile(values, coarse_rows)
-            result.obsm[f"{modality}_pred"] = pd.DataFrame(mean, index=obs.index, columns=features)
+            result.obsm[profile_key(modality)] = pd.DataFrame(mean, index=obs.index, columns=features)
         result.uns["baseline"] = {"method": "pca_knn", "n_comps": int(self.pca_.n_components_),
                                   "k_coarse": cfg.k_coarse, "k_fine": cfg.k_fine,
                                   "levels": list(self.levels), "hierarchical": True,

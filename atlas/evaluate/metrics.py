@@ -31,8 +31,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
 
-UNKNOWN = "unknown"
-"""The label :func:`atlas.mapping.query.map_query` gives a rejected cell."""
+from atlas.names import UNKNOWN  # the label of a rejected cell; re-exported by atlas.evaluate
 
 
 @dataclass(frozen=True)
@@ -199,6 +198,9 @@ def feature_pearson(pred: pd.DataFrame, measured: pd.DataFrame) -> FeatureCorrel
             r[j] = float(np.clip((dx * dy).sum() / denom, -1.0, 1.0))
     per_feature = pd.Series(r, index=pred.columns, name="pearson_r")
     defined = r[~np.isnan(r)]
-    stat = (lambda f: float(f(defined)) if defined.size else float("nan"))
+
+    def stat(f) -> float:
+        return float(f(defined)) if defined.size else float("nan")
+
     return FeatureCorrelation(per_feature=per_feature, mean=stat(np.mean), median=stat(np.median),
                               min=stat(np.min), n_cells=int(x.shape[0]))

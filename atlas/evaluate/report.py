@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from atlas.evaluate.metrics import UNKNOWN, FeatureCorrelation, LabelTransfer, feature_pearson, label_transfer
+from atlas.names import EMBEDDING, confidence_key, level_of, pred_key, profile_key
 
 UMAP_RANDOM_STATE = 0
 
@@ -90,8 +91,7 @@ def align_query(mapped: Any, query: Any) -> Any:
 
 def infer_levels(mapped: Any, query: Any) -> list[str]:
     """Levels with a ``{level}_pred`` column in ``mapped`` and a ``{level}`` column in ``query``."""
-    return [c[: -len("_pred")] for c in mapped.obs.columns
-            if c.endswith("_pred") and c[: -len("_pred")] in query.obs.columns]
+    return [level_of(c) for c in mapped.obs.columns if level_of(c) is not None and level_of(c) in query.obs.columns]
 
 
 # --------------------------------------------------------------------------------------- figures
@@ -101,15 +101,15 @@ def _umap(mapped: Any, query: Any, out: Path, levels: Sequence[str], batch_key: 
     import anndata as ad
     import scanpy as sc
 
-    emb = np.asarray(mapped.obsm["X_atlas"], dtype=np.float32)
+    emb = np.asarray(mapped.obsm[EMBEDDING], dtype=np.float32)
     obs = pd.DataFrame(index=mapped.obs_names.astype(str))
     for level in levels:
         obs[level] = pd.Categorical(query.obs[level].astype(str).to_numpy())
     if batch_key is not None:
         obs["batch"] = pd.Categorical(query.obs[batch_key].astype(str).to_numpy())
     tmp = ad.AnnData(obs=obs)
-    tmp.obsm["X_atlas"] = emb
-    sc.pp.neighbors(tmp, n_neighbors=min(15, max(2, tmp.n_obs - 1)), use_rep="X_atlas",
+    tmp.obsm[EMBEDDING] = emb
+    sc.pp.neighbors(tmp, n_neighbors=min(15, max(2, tmp.n_obs - 1)), use_rep=EMBEDDING,
                     random_state=UMAP_RANDOM_STATE)
     sc.tl.umap(tmp, random_state=UMAP_RANDOM_STATE)
     coords = tmp.obsm["X_umap"]
@@ -207,14 +207,14 @@ def compute_metrics(mapped: Any, query: Any, levels: Sequence[str],
     """Label transfer per level and (when both sides have proteins) per-protein Pearson r."""
     labels = {}
     for level in levels:
-        if f"{level}_pred" not in mapped.obs.columns:
+        if pred_key(level) not in mapped.obs.columns:
             raise ValueError(f"the mapped result has no '{level}_pred' column (map with this level)")
         if level not in query.obs.columns:
             raise ValueError(f"the query has no obs column '{level}' with the true labels")
-        labels[level] = label_transfer(query.obs[level].to_numpy(), mapped.obs[f"{level}_pred"].to_numpy())
+        labels[level] = label_transfer(query.obs[level].to_numpy(), mapped.obs[pred_key(level)].to_numpy())
     protein = None
-    if "protein_pred" in mapped.obsm and protein_key in query.obsm:
-        pred = mapped.obsm["protein_pred"]
+    if profile_key("protein") in mapped.obsm and protein_key in query.obsm:
+        pred = mapped.obsm[profile_key("protein")]
         counts = query.obsm[protein_key]
         if isinstance(pred, pd.DataFrame) and isinstance(counts, pd.DataFrame):
             pred = pred.copy()
@@ -261,7 +261,7 @@ def write_report(
                          "matching a query obs column")
     if batch_key is not None and batch_key not in query.obs.columns:
         raise ValueError(f"the query has no obs column '{batch_key}' (--batch-key)")
-    if "X_atlas" not in mapped.obsm:
+    if EMBEDDING not in mapped.obsm:
         raise ValueError("the mapped result has no obsm['X_atlas'] embedding; is it atlas.map_query's output?")
 
     labels, protein = compute_metrics(mapped, query, levels, protein_key)
@@ -279,7 +279,7 @@ def write_report(
     if protein is not None:
         r = protein.per_feature.dropna()
         if len(r):
-            pred = mapped.obsm["protein_pred"].copy()
+            pred = mapped.obsm[profile_key("protein")].copy()
             pred.index = mapped.obs_names.astype(str)
             counts = query.obsm[protein_key].copy()
             counts.index = query.obs_names.astype(str)
@@ -308,7 +308,7 @@ def write_report(
         "figures": figures,
     }
     for level in levels:
-        conf = f"{level}_confidence"
+        conf = confidence_key(level)
         if conf in mapped.obs.columns:
             metrics["levels"][level]["mean_confidence"] = float(np.nanmean(mapped.obs[conf].to_numpy(np.float64)))
     (out / "metrics.json").write_text(json.dumps(_json_safe(metrics), indent=2, allow_nan=False), encoding="utf-8")
@@ -333,8 +333,9 @@ def _integration(mapped: Any, query: Any, level: str, batch_key: str) -> dict:
     if query.n_vars == 0:
         return {"skipped": "the query has no X to compute the unintegrated PCA from (PCR comparison needs it)"}
     try:
-        from atlas.evaluate.integration import integration_scores, pre_integration_pca
         import scib_metrics  # noqa: F401
+
+        from atlas.evaluate.integration import integration_scores, pre_integration_pca
     except ImportError:
         return {"skipped": "scib-metrics is not installed (pip install -e '.[eval]')"}
     rows = np.flatnonzero(keep)
@@ -343,7 +344,7 @@ def _integration(mapped: Any, query: Any, level: str, batch_key: str) -> dict:
     from atlas.evaluate.baselines import _log_normalised
 
     pre = pre_integration_pca(_log_normalised(query.X[rows]).toarray())
-    scores = integration_scores(np.asarray(mapped.obsm["X_atlas"])[rows], truth.to_numpy()[rows], batches[rows], pre)
+    scores = integration_scores(np.asarray(mapped.obsm[EMBEDDING])[rows], truth.to_numpy()[rows], batches[rows], pre)
     return {"level": level, "batch_key": batch_key, "n_cells": int(len(rows)), "scores": scores}
 
 

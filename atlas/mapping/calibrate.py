@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from atlas.mapping.query import UNKNOWN, assign_labels
+from atlas.mapping.query import assign_labels
 from atlas.mapping.search import Searcher
+from atlas.names import UNKNOWN, confidence_key, pred_key
 
 METHOD = "leave-one-out vote share quantile"
 
@@ -65,8 +66,8 @@ def calibrate_thresholds(
         if not labelled.any():
             thresholds[level] = accuracy[level] = None
             continue
-        conf = obs[f"{level}_confidence"].to_numpy()[labelled]
-        pred = obs[f"{level}_pred"].to_numpy()[labelled]
+        conf = obs[confidence_key(level)].to_numpy()[labelled]
+        pred = obs[pred_key(level)].to_numpy()[labelled]
         # Strict "<" at mapping time: at most ~rejection_rate of these cells fall below.
         thresholds[level] = float(np.quantile(conf, rejection_rate, method="lower")) if rejection_rate > 0 else 0.0
         accuracy[level] = float(np.mean((pred == truth[labelled]) & (pred != UNKNOWN)))

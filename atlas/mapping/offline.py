@@ -68,12 +68,12 @@ from atlas.mapping.query_source import (
     plan_query_blocks,
     read_query_block,
 )
+from atlas.names import EMBEDDING, is_level_column, level_of, pred_key, unknown_key
 from atlas.staging import staged_output
 
 CELLS_DIR = "cells"
 SUMMARY = "summary.json"
 FEATURES = "features.json"
-EMBEDDING = "X_atlas"
 _FEATURES_KEY = b"atlas.features"
 _PREFLIGHT_CELLS = 256
 
@@ -167,9 +167,9 @@ def result_table(result: Any, rows: Any) -> pa.Table:
     }
     for name in result.obs.columns:
         values = result.obs[name]
-        if name.endswith("_unknown"):
+        if level_of(name, "unknown"):
             columns[name] = pa.array(values.to_numpy(dtype=bool))
-        elif name.endswith("_confidence"):
+        elif level_of(name, "confidence"):
             columns[name] = pa.array(values.to_numpy(dtype=np.float32))
         else:
             columns[name] = pa.array(values.astype(str).tolist(), type=pa.string())
@@ -521,8 +521,8 @@ def count_labels(folder: str | os.PathLike) -> tuple[int, dict[str, dict[str, An
     streamed file by file over the label columns only."""
     files = _parquet_files(Path(folder))
     schema = pq.read_schema(files[0])
-    levels = [n[: -len("_unknown")] for n in schema.names if n.endswith("_unknown")]
-    columns = [c for lv in levels for c in (f"{lv}_pred", f"{lv}_unknown")] or ["row"]
+    levels = [level_of(n, "unknown") for n in schema.names if level_of(n, "unknown")]
+    columns = [c for lv in levels for c in (pred_key(lv), unknown_key(lv))] or ["row"]
     labels = {lv: Counter() for lv in levels}
     unknown = Counter()
     cells = 0
@@ -530,9 +530,9 @@ def count_labels(folder: str | os.PathLike) -> tuple[int, dict[str, dict[str, An
         for batch in pq.ParquetFile(path).iter_batches(columns=columns, batch_size=65536):
             cells += batch.num_rows
             for lv in levels:
-                for item in pc.value_counts(batch.column(f"{lv}_pred")).to_pylist():
+                for item in pc.value_counts(batch.column(pred_key(lv))).to_pylist():
                     labels[lv][item["values"]] += item["counts"]
-                unknown[lv] += int(pc.sum(batch.column(f"{lv}_unknown").cast(pa.int64())).as_py() or 0)
+                unknown[lv] += int(pc.sum(batch.column(unknown_key(lv)).cast(pa.int64())).as_py() or 0)
     return cells, {lv: {"labels": dict(labels[lv].most_common()),
                         "unknown_fraction": round(unknown[lv] / max(cells, 1), 6)} for lv in levels}
 
@@ -578,9 +578,9 @@ def read_mapping(output: str | os.PathLike) -> Any:
     index = pd.Index(table.column("cell_id").to_pylist(), dtype=str)
     obs = pd.DataFrame(index=index)
     for name in table.column_names:
-        if name.endswith(("_pred", "_confidence", "_unknown")) and name not in features:
+        if is_level_column(name) and name not in features:
             values = table.column(name).to_numpy(zero_copy_only=False)
-            if name.endswith("_pred"):
+            if level_of(name):
                 values = values.astype(str)
             obs[name] = values
     result = ad.AnnData(obs=obs)

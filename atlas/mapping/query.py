@@ -43,8 +43,20 @@ from atlas.mapping.align import (
 )
 from atlas.mapping.search import Hits, LocalSearcher, Searcher
 from atlas.mapping.vote import weighted_vote
+from atlas.names import (
+    EMBEDDING,
+    NEIGHBORS_JOINID,
+    NEIGHBORS_SIMILARITY,
+    NEIGHBORS_UNS,
+    UNKNOWN,
+    confidence_key,
+    decoder_key,
+    level_keys,
+    pred_key,
+    profile_key,
+    unknown_key,
+)
 
-UNKNOWN = "unknown"
 MODELS = ("concerto", "cvqvae")
 PREDICT_METHODS = ("knn", "decoder", "both")
 
@@ -199,9 +211,9 @@ def assign_labels(emb: np.ndarray, has_data: np.ndarray, searcher: Searcher, lay
         conf = np.where(has_data, conf, 0.0)  # a cell with no counts carries no evidence for any label
         if threshold is not None:
             rejected = rejected | (conf < threshold)
-        obs[f"{level}_pred"] = np.where(rejected, UNKNOWN, pred).astype(str)
-        obs[f"{level}_confidence"] = conf.astype(np.float32)
-        obs[f"{level}_unknown"] = rejected
+        obs[pred_key(level)] = np.where(rejected, UNKNOWN, pred).astype(str)
+        obs[confidence_key(level)] = conf.astype(np.float32)
+        obs[unknown_key(level)] = rejected
         return rejected
 
     if layout.mode != "hierarchy":  # hash layout: every level voted from the same neighbours
@@ -237,7 +249,7 @@ def assign_labels(emb: np.ndarray, has_data: np.ndarray, searcher: Searcher, lay
                     if child is not None:
                         nxt[rows[pred[rows] == value]] = child.name
             node_of = nxt
-    drop = [c for lv in depth_levels if lv not in levels for c in (f"{lv}_pred", f"{lv}_confidence", f"{lv}_unknown")]
+    drop = [c for lv in depth_levels if lv not in levels for c in level_keys(lv)]
     return obs.drop(columns=drop), coarse
 
 
@@ -268,16 +280,16 @@ def assemble(obs_names: Any, emb: np.ndarray, labels: pd.DataFrame, profiles: Ma
     index = pd.Index([str(x) for x in obs_names], name=getattr(obs_names, "name", None))
     obs = labels.set_axis(index, axis=0)
     result = ad.AnnData(obs=obs)
-    result.obsm["X_atlas"] = emb
+    result.obsm[EMBEDDING] = emb
     for m, frame in profiles.items():
-        result.obsm[f"{m}_pred"] = frame.set_axis(index, axis=0)
+        result.obsm[profile_key(m)] = frame.set_axis(index, axis=0)
     for m, frame in decoded.items():
-        key = f"{m}_pred_decoder" if m in profiles else f"{m}_pred"
+        key = decoder_key(m) if m in profiles else profile_key(m)
         result.obsm[key] = frame.set_axis(index, axis=0)
     if coarse is not None:
-        result.obsm["atlas_neighbors_soma_joinid"] = coarse.soma_joinid
-        result.obsm["atlas_neighbors_similarity"] = coarse.similarity
-        uns = {**uns, "atlas_neighbors": {"dataset_id": coarse.dataset_id}}
+        result.obsm[NEIGHBORS_JOINID] = coarse.soma_joinid
+        result.obsm[NEIGHBORS_SIMILARITY] = coarse.similarity
+        uns = {**uns, NEIGHBORS_UNS: {"dataset_id": coarse.dataset_id}}
     result.uns.update(uns)
     return result
 

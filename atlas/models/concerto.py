@@ -30,8 +30,8 @@ model with ``DDP(find_unused_parameters=True)``, since that modality's networks 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist

@@ -92,7 +92,7 @@ class CVQVAE(nn.Module):
     # -- views ---------------------------------------------------------------------------------
     def fit_views(
         self, counts: Mapping[str, sp.spmatrix], max_cells: int | None = 50_000, seed: int = 0
-    ) -> "CVQVAE":
+    ) -> CVQVAE:
         """Fit the PCA/LSI views on reference raw-count CSR matrices (cells × vocabulary ids),
         e.g. a random sample of reference cells. No-op for ``input_view="learned"``."""
         for m, view in self.views.items():

@@ -151,7 +151,7 @@ class PCAView(_ProjectionView):
         self.register_buffer("mean", torch.zeros(n_features))
 
     @torch.no_grad()
-    def fit(self, counts: sp.spmatrix, max_cells: int | None = 50_000, seed: int = 0) -> "PCAView":
+    def fit(self, counts: sp.spmatrix, max_cells: int | None = 50_000, seed: int = 0) -> PCAView:
         """Fit on a raw-count CSR (cells × vocabulary ids) of reference cells."""
         x = lognorm_counts(_sample_rows(counts, max_cells, seed))
         if x.shape[1] != self.n_features:
@@ -196,7 +196,7 @@ class LSIView(_ProjectionView):
         return torch.log1p(torch.expm1(values) * self.idf[ids])
 
     @torch.no_grad()
-    def fit(self, counts: sp.spmatrix, max_cells: int | None = 50_000, seed: int = 0) -> "LSIView":
+    def fit(self, counts: sp.spmatrix, max_cells: int | None = 50_000, seed: int = 0) -> LSIView:
         """Fit on a raw-count CSR (cells × vocabulary ids) of reference cells."""
         x = _sample_rows(counts, max_cells, seed)
         if x.shape[1] != self.n_features:

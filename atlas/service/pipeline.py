@@ -5,7 +5,8 @@ Offline, ``map_query`` runs every stage in one process. Here the ingress keeps t
 (parameter checks, :func:`~atlas.mapping.query.prepare_query`, voting and assembly) and hands
 the embedding to the encoder deployment (an ``embed`` callable) and the neighbour searches to
 the shard deployments (a :class:`~atlas.mapping.search.Searcher`). Both paths run the library's
-:func:`~atlas.mapping.query.run_mapping`, so served and offline results are the same arrays. Nothing here imports Ray: tests run it with a local model and a ``LocalSearcher``.
+:func:`~atlas.mapping.query.run_mapping`, so served and offline results are the same arrays.
+Nothing here imports Ray: tests run it with a local model and a ``LocalSearcher``.
 """
 
 from __future__ import annotations

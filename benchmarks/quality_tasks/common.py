@@ -80,8 +80,10 @@ def map_with_atlas(artifact: str, query, levels: Sequence[str], **kwargs) -> tup
 
 def from_mapped(mapped, levels: Sequence[str]) -> dict:
     """A mapped AnnData (ours or PCA + kNN) in the peers' shape: ``pred``/``confidence`` per level."""
-    return {"pred": {lv: mapped.obs[f"{lv}_pred"].astype(str) for lv in levels},
-            "confidence": {lv: mapped.obs[f"{lv}_confidence"].astype(float) for lv in levels}}
+    from atlas.names import confidence_key, pred_key
+
+    return {"pred": {lv: mapped.obs[pred_key(lv)].astype(str) for lv in levels},
+            "confidence": {lv: mapped.obs[confidence_key(lv)].astype(float) for lv in levels}}
 
 
 def score_labels(method: Mapping, truth: pd.DataFrame, levels: Sequence[str], unlabeled: Sequence[str]) -> dict:

@@ -31,9 +31,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from atlas.names import decoder_key, profile_key
 from quality_tasks import peers
 from quality_tasks.common import (
-    data_file, fmt, from_mapped, run_info, say, score_labels, start_ray, table, write_results,
+    data_file,
+    fmt,
+    from_mapped,
+    run_info,
+    say,
+    score_labels,
+    start_ray,
+    table,
+    write_results,
 )
 
 RNA_FILE, ATAC_FILE = "mop_snareseq_c1_rna.h5ad", "mop_snareseq_c1_atac.h5ad"
@@ -358,10 +367,10 @@ def _run(out: Path, *, quick: bool, workers: int, scvi_epochs: int, fine_integra
     base = baseline.map(query)
     ref_atac_norm = lognorm(ref_atac.X)
     atac_preds = {
-        "CVQVAE decoder": as_dense(mapped["CVQVAE atlas"].obsm["ATAC_pred_decoder"]),
-        "CVQVAE atlas kNN": as_dense(mapped["CVQVAE atlas"].obsm["ATAC_pred"]),
-        "CVAE decoder": as_dense(mapped["CVAE (no VQ)"].obsm["ATAC_pred"]),
-        "Concerto RNA atlas kNN": as_dense(mapped["Concerto RNA"].obsm["ATAC_pred"]),
+        "CVQVAE decoder": as_dense(mapped["CVQVAE atlas"].obsm[decoder_key("ATAC")]),
+        "CVQVAE atlas kNN": as_dense(mapped["CVQVAE atlas"].obsm[profile_key("ATAC")]),
+        "CVAE decoder": as_dense(mapped["CVAE (no VQ)"].obsm[profile_key("ATAC")]),
+        "Concerto RNA atlas kNN": as_dense(mapped["Concerto RNA"].obsm[profile_key("ATAC")]),
         "PCA + kNN": pca_knn_atac(baseline, query, ref_atac_norm),
     }
     base_map_s = time.perf_counter() - t
@@ -370,7 +379,7 @@ def _run(out: Path, *, quick: bool, workers: int, scvi_epochs: int, fine_integra
 
     peaks = [str(p) for p in atac.var_names]
     for name in ("CVQVAE atlas", "CVAE (no VQ)", "Concerto RNA"):
-        key = "ATAC_pred_decoder" if name == "CVQVAE atlas" else "ATAC_pred"
+        key = decoder_key("ATAC") if name == "CVQVAE atlas" else profile_key("ATAC")
         columns = [str(c) for c in mapped[name].obsm[key].columns]
         if columns != peaks:
             raise RuntimeError(f"{name}: predicted ATAC columns are not the file's peaks in its order")

@@ -14,13 +14,22 @@ import os
 import time
 from pathlib import Path
 
+import mapping_quality as mq
 import numpy as np
 import pandas as pd
 
-import mapping_quality as mq
+from atlas.names import confidence_key, profile_key
 from quality_tasks import peers
 from quality_tasks.common import (
-    fmt, from_mapped, run_info, say, score_labels, start_ray, table, unseen_auroc, write_results,
+    fmt,
+    from_mapped,
+    run_info,
+    say,
+    score_labels,
+    start_ray,
+    table,
+    unseen_auroc,
+    write_results,
 )
 
 LEVELS = mq.LEVELS
@@ -57,8 +66,9 @@ def run(out: Path, *, epochs: int = 5, quick: bool = False) -> dict:
     say("PCA + kNN")
     base, fit_s, map_s = mq.run_baseline(reference, query)
     base_unseen, _, _ = mq.run_baseline(unseen_ref, query)
-    methods["PCA + kNN"] = {**from_mapped(base, LEVELS), "protein": base.obsm["protein_pred"], "fit_s": fit_s, "map_s": map_s}
-    unseen["PCA + kNN"] = unseen_auroc(base_unseen.obs.loc[truth.index, "cell_type_l1_confidence"], is_unseen, labelled)
+    methods["PCA + kNN"] = {**from_mapped(base, LEVELS), "protein": base.obsm[profile_key("protein")],
+                            "fit_s": fit_s, "map_s": map_s}
+    unseen["PCA + kNN"] = unseen_auroc(base_unseen.obs.loc[truth.index, confidence_key("cell_type_l1")], is_unseen, labelled)
 
     say(f"Concerto atlases ({epochs} epochs, 2 Ray Train workers)")
     import ray
@@ -71,9 +81,9 @@ def run(out: Path, *, epochs: int = 5, quick: bool = False) -> dict:
         ray.shutdown()
     mapped, map_s, _, _ = mq.map_concerto(full["artifact"], query, thresholds=None)
     mapped_unseen, _, _, _ = mq.map_concerto(without["artifact"], query, thresholds=None)
-    methods["Concerto atlas"] = {**from_mapped(mapped, LEVELS), "protein": mapped.obsm["protein_pred"],
+    methods["Concerto atlas"] = {**from_mapped(mapped, LEVELS), "protein": mapped.obsm[profile_key("protein")],
                                  "fit_s": full["build_s"], "map_s": map_s}
-    unseen["Concerto atlas"] = unseen_auroc(mapped_unseen.obs.loc[truth.index, "cell_type_l1_confidence"],
+    unseen["Concerto atlas"] = unseen_auroc(mapped_unseen.obs.loc[truth.index, confidence_key("cell_type_l1")],
                                             is_unseen, labelled)
 
     ref_batch, query_batch = np.repeat("reference", reference.n_obs), np.repeat("query", query.n_obs)

@@ -120,8 +120,9 @@ def totalvi_surgery(reference, query, protein_key: str, *, ref_batch, query_batc
 
 
 def _log_normalised(adata):
-    from atlas.evaluate.baselines import _log_normalised as log_norm
     import anndata as ad
+
+    from atlas.evaluate.baselines import _log_normalised as log_norm
 
     return ad.AnnData(X=log_norm(adata.X), obs=pd.DataFrame(index=adata.obs_names.astype(str)),
                       var=pd.DataFrame(index=adata.var_names.astype(str)))

@@ -18,7 +18,16 @@ import pandas as pd
 
 from quality_tasks import peers
 from quality_tasks.common import (
-    build_atlas_from, fmt, from_mapped, map_with_atlas, run_info, say, score_labels, start_ray, table, write_results,
+    build_atlas_from,
+    fmt,
+    from_mapped,
+    map_with_atlas,
+    run_info,
+    say,
+    score_labels,
+    start_ray,
+    table,
+    write_results,
 )
 
 ORDER = ["Concerto atlas", "PCA + kNN", "CellTypist", "scANVI (scArches)"]

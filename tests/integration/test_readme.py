@@ -33,7 +33,8 @@ PBMC5K = "pbmc5k_10x_totalvi_rna4000hvg_noprotein.h5ad"
 RUN_ELSEWHERE = {
     r"^make demo\b": "the demo itself (`make demo`, run for every closing note)",
     r"^make test\b": ".ci/run",
-    r"ray job submit .* python jobs/build_atlas\.py": "tests/integration/test_build.py::test_cvqvae_build_submitted_with_ray_job_submit",
+    r"ray job submit .* python jobs/build_atlas\.py":
+        "tests/integration/test_build.py::test_cvqvae_build_submitted_with_ray_job_submit",
     r"ray job submit .* python jobs/map_query\.py": "tests/integration/test_map_offline.py::test_job_entrypoint",
     r"^serve run serve/config\.yaml": "tests/integration/test_readme.py::test_serve_run_config_yaml",
 }

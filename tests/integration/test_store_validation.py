@@ -11,9 +11,7 @@ from pathlib import Path
 import anndata as ad
 import h5py
 import numpy as np
-import pandas as pd
 import pytest
-import scipy.sparse as sp
 
 import atlas.store.ingest as ingest_module
 from atlas.store.ingest import ingest

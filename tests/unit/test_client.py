@@ -92,7 +92,8 @@ def test_one_chunk_at_a_time_sends_in_order():
 
 def test_a_body_larger_than_the_advertised_limit_is_split_before_sending():
     query = _query(40)
-    one = len(wire.encode_request(wire.QueryPayload([f"c{i}" for i in range(10)], {"RNA": (GENES, query.X[:10])}, {}), wire.ARROW))
+    ten = wire.QueryPayload([f"c{i}" for i in range(10)], {"RNA": (GENES, query.X[:10])}, {})
+    one = len(wire.encode_request(ten, wire.ARROW))
     server = Server(max_bytes=one * 2)
     _client(server, max_cells_per_request=40).map(query, progress=False)
     # Never a body over the advertised limit; what the server still refuses (> 16 cells) is split too.

@@ -16,7 +16,6 @@ import tomllib
 from fnmatch import fnmatch
 from pathlib import Path, PurePosixPath
 
-import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]

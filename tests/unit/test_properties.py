@@ -10,6 +10,7 @@ had no counts crashed ``normalize_log1p`` (``add.reduceat`` out of bounds) befor
 from __future__ import annotations
 
 import io
+import os
 import types
 import zipfile
 
@@ -28,8 +29,10 @@ from atlas.data.arrow import list_column_csr
 from atlas.data.batches import csr_to_batch, normalize_log1p, pad_rows, row_totals, tfidf_log1p, top_k_per_row
 from atlas.mapping.align import align_query
 
-# Bounded: the whole file runs in seconds inside `make test`.
-settings.register_profile("atlas", max_examples=60, deadline=None,
+# Bounded and reproducible in `make test` (the same examples every run); a wider random search:
+# ATLAS_HYPOTHESIS_EXAMPLES=2000 pytest tests/unit/test_properties.py
+_WIDE = int(os.environ.get("ATLAS_HYPOTHESIS_EXAMPLES", "0"))
+settings.register_profile("atlas", max_examples=_WIDE or 60, deadline=None, derandomize=not _WIDE,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile("atlas")
 
@@ -47,7 +50,9 @@ def count_matrices(draw, max_rows: int = 12, max_cols: int = 9, integer: bool | 
         values = st.integers(0, 2**15 - 1)
     else:
         dtype = draw(st.sampled_from([np.float32, np.float64]))
-        values = st.one_of(st.floats(0, 1e6, width=32), st.sampled_from([0.0, 1e-30, 1e-6, 3.0, 1e7]))
+        # No subnormals: no count is 1e-45, and scanpy leaves such a cell unscaled (we scale it).
+        values = st.one_of(st.floats(0, 1e6, width=32, allow_subnormal=False),
+                           st.sampled_from([0.0, 1e-30, 1e-6, 3.0, 1e7]))
     dense = draw(hnp.arrays(dtype, (n_rows, n_cols), elements=values))
     dense = dense * draw(hnp.arrays(np.bool_, (n_rows, n_cols)))  # sparsity
     policy = draw(EMPTY_ROWS)

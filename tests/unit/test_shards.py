@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from atlas.index import Shard, ShardLayout, build_hierarchy, build_index, load_shard, search, write_shard
+from atlas.index import Shard, ShardLayout, build_hierarchy, build_index, load_shard, search
 from atlas.index.shards import clean_labels, hash_bucket, safe_name
 
 faiss.omp_set_num_threads(2)
