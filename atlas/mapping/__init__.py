@@ -7,8 +7,10 @@ coarse-to-fine over the index shards, and predict the modalities it lacks.
 * :mod:`atlas.mapping.search` — shard search and merging behind a searcher (local or Serve).
 * :mod:`atlas.mapping.query` — :func:`map_query`, used by the offline path and the service.
 * :mod:`atlas.mapping.calibrate` — unknown-rejection thresholds calibrated at build time.
+* :mod:`atlas.mapping.params` — the mapping options as typed on a command line (both CLIs).
 * :mod:`atlas.mapping.offline` / :mod:`atlas.mapping.query_source` — millions of cells with Ray
-  Data (``jobs/map_query.py``); not imported here, so ``import atlas.mapping`` needs no Ray.
+  Data (``jobs/map_query.py``); :mod:`atlas.mapping.offline_output` — its Parquet output and
+  :func:`read_mapping`. Not imported here, so ``import atlas.mapping`` needs no Ray.
 """
 
 from importlib import import_module
