@@ -28,7 +28,7 @@ from atlas.data.arrow import list_column_csr
 from atlas.data.dataset import build_plan, make_dataset, vocabulary_sizes
 from atlas.data.plan import ReadPlan
 from atlas.data.reader import open_experiment
-from atlas.embed import embed_dataset, iter_embeddings
+from atlas.embed import embed_dataset, iter_embeddings, recalibrate
 from atlas.index.shards import build_hierarchy
 from atlas.models.config import config_to_dict
 from atlas.names import store_embedding
@@ -174,7 +174,15 @@ def build_atlas(build: BuildConfig, *, resume: bool = False, overwrite: bool = F
     embed_plan = build_plan(uri, dataclasses.replace(build.data, shuffle=False, single_domain=False),
                             domain_names=plan.domain_names)
     use_gpu = build.scaling.use_gpu if build.scaling.use_gpu is not None else cluster_has_gpus()
-    chunks = list(iter_embeddings(embed_dataset(embed_plan, model_spec, result.model_state,
+    # Training leaves moving averages of the normalisation statistics, merged across workers;
+    # the reference is embedded (and queries later normalised) with the trained model's exact ones.
+    model_state, recalibrated = recalibrate(embed_plan, model_spec, result.model_state,
+                                            batch_size=build.index.embed_batch_size, actors=build.index.embed_actors)
+    seconds["recalibrate"] = time.perf_counter() - t
+    log(f"[build] exact normalisation statistics of {sum(recalibrated.values())} (layer, domain) pairs "
+        f"in {seconds['recalibrate']:.1f} s")
+    t = time.perf_counter()
+    chunks = list(iter_embeddings(embed_dataset(embed_plan, model_spec, model_state,
                                                 batch_size=build.index.embed_batch_size,
                                                 actors=build.index.embed_actors, use_gpu=use_gpu)))
     joinids = np.concatenate([c[0] for c in chunks])
@@ -211,7 +219,7 @@ def build_atlas(build: BuildConfig, *, resume: bool = False, overwrite: bool = F
         seconds["index"] = time.perf_counter() - t
         log(f"[build] index: {layout.mode} layout, {len(layout.shard_names())} shard(s) in {seconds['index']:.1f} s")
         mapping = _calibrate(build, layout, staging / "shards", embeddings, joinids, obs, levels, log)
-        torch.save(result.model_state, staging / "model.pt")
+        torch.save(model_state, staging / "model.pt")
         seconds["total"] = time.perf_counter() - t0
         store_record = {"uri": str(Path(uri).resolve()) if "://" not in uri else uri,
                         "version": version.version if version else None,

@@ -20,6 +20,15 @@ from atlas.data.collate import table_to_batch
 from atlas.data.dataset import make_dataset
 from atlas.data.plan import ReadPlan
 from atlas.models.config import build_model, config_from_dict
+from atlas.models.recalibrate import RECALIBRATION_PASSES, DomainStatistics
+
+
+def _load(model_spec: dict[str, Any], state: Any) -> torch.nn.Module:
+    if isinstance(state, ray.ObjectRef):  # weights travel once through the object store
+        state = ray.get(state)
+    model = build_model(config_from_dict(model_spec["config"]), model_spec["vocab_sizes"], model_spec["n_domains"])
+    model.load_state_dict(state)
+    return model
 
 
 class Embedder:
@@ -27,11 +36,7 @@ class Embedder:
 
     def __init__(self, model_spec: dict[str, Any], state: dict[str, torch.Tensor], modalities: tuple[str, ...]):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if isinstance(state, ray.ObjectRef):  # weights travel once through the object store
-            state = ray.get(state)
-        model = build_model(config_from_dict(model_spec["config"]), model_spec["vocab_sizes"], model_spec["n_domains"])
-        model.load_state_dict(state)
-        self.model = model.to(self.device).eval()
+        self.model = _load(model_spec, state).to(self.device).eval()
         self.modalities = modalities
 
     @torch.inference_mode()
@@ -79,3 +84,50 @@ def iter_embeddings(ds: ray.data.Dataset) -> Iterator[tuple[np.ndarray, np.ndarr
             table.column("soma_joinid").to_numpy(),
             emb.flatten().to_numpy().reshape(-1, dim).astype(np.float32, copy=False),
         )
+
+
+class StatisticsRecorder:
+    """A Ray Data actor: the frozen model, recording its normalisation layers' inputs per domain
+    for each block (one row out: the block's :meth:`DomainStatistics.vector`)."""
+
+    def __init__(self, model_spec: dict[str, Any], state: Any, modalities: tuple[str, ...]):
+        self.model = _load(model_spec, state).eval()  # fp32 on CPU: statistics, not throughput
+        self.modalities = modalities
+
+    @torch.inference_mode()
+    def __call__(self, table: pa.Table) -> pa.Table:
+        stats = DomainStatistics(self.model)
+        with stats.recording():
+            self.model.embed(table_to_batch(table, self.modalities))
+        return pa.table({"stats": pa.array([stats.vector()], type=pa.list_(pa.float64()))})
+
+
+def recalibrate(
+    plan: ReadPlan,
+    model_spec: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    *,
+    passes: int = RECALIBRATION_PASSES,
+    batch_size: int = 2048,
+    actors: int = 1,
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """``state`` with every DomainBatchNorm1d's statistics replaced by the exact per-domain
+    statistics of the plan's cells (see :mod:`atlas.models.recalibrate`); ``passes`` streams over
+    them. Returns the new state and, per layer, how many domains were set."""
+    model = _load(model_spec, {k: v.cpu() for k, v in state.items()}).eval()
+    updated: dict[str, int] = {}
+    if not DomainStatistics(model).layers:  # nothing to recalibrate (no domain normalisation)
+        return state, updated
+    for _ in range(passes):
+        ref = ray.put({k: v.cpu() for k, v in model.state_dict().items()})
+        total = DomainStatistics(model)
+        rows = make_dataset(plan).map_batches(
+            StatisticsRecorder,
+            fn_constructor_kwargs={"model_spec": model_spec, "state": ref, "modalities": plan.modalities},
+            batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
+        )
+        for table in rows.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for vector in table.column("stats").to_pylist():
+                total.add_vector(np.asarray(vector))
+        updated = total.apply()
+    return {k: v.clone() for k, v in model.state_dict().items()}, updated

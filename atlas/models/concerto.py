@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from atlas.models.config import ConcertoConfig
-from atlas.models.layers import DomainBatchNorm1d, MaskedAttentionPool, SparseLinear
+from atlas.models.layers import UNSEEN_DOMAIN, DomainBatchNorm1d, MaskedAttentionPool, SparseLinear
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -73,19 +73,25 @@ class ConcertoTeacher(nn.Module):
         # One-channel BatchNorm on the values (as in the original): standardised values make
         # ``e_i * v_i`` vary in sign and size around 0, so the attention can depend on how much
         # of a feature a cell has rather than saturating tanh for every abundant feature.
-        self.value_norm = nn.BatchNorm1d(1)
+        # Per domain: trained on single-domain minibatches, a plain BatchNorm standardised each
+        # domain's values by that domain's statistics, but at inference applied one running
+        # average dominated by whichever domains came last — a train/inference mismatch that
+        # cost 13 points of held-out accuracy on ADTnorm. Domain statistics keep the two equal.
+        self.value_norm = DomainBatchNorm1d(1, n_domains)
         self.pool = MaskedAttentionPool(dim)
         self.norm = DomainBatchNorm1d(dim, n_domains)
         self.dropout = nn.Dropout(dropout)
         self.dense = nn.Linear(dim, dim)
 
     def _pool(
-        self, ids: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+        self, ids: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, domain: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """(pooled [B, D], packed h [N, D], packed weights [N], (rows, cols) of the packed entries)."""
         # Only the measured features are embedded (packed), never the padding.
         rows, cols = mask.nonzero(as_tuple=True)
-        v = self.value_norm(values[rows, cols].float().unsqueeze(-1))
+        if domain is None:
+            domain = torch.full((ids.shape[0],), UNSEEN_DOMAIN, dtype=torch.long, device=ids.device)
+        v = self.value_norm(values[rows, cols].float().unsqueeze(-1), domain.to(ids.device)[rows])
         h = self.embedding(ids[rows, cols]) * v.to(self.embedding.weight.dtype)
         pooled, w = self.pool.pool_packed(h, rows, ids.shape[0])
         return pooled, h, w, (rows, cols)
@@ -94,13 +100,14 @@ class ConcertoTeacher(nn.Module):
         self, ids: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, domain: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, L] ids/values/mask, [B] domain → (embedding [B, D], attention weights [B, L])."""
-        pooled, _, w, (rows, cols) = self._pool(ids, values, mask)
+        pooled, _, w, (rows, cols) = self._pool(ids, values, mask, domain)
         weights = torch.zeros(mask.shape, dtype=w.dtype, device=w.device)
         weights[rows, cols] = w
         x = self.norm(torch.tanh(pooled), domain)
         return F.relu(self.dense(self.dropout(x))), weights
 
-    def contributions(self, ids: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def contributions(self, ids: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                      domain: torch.Tensor | None = None) -> torch.Tensor:
         """[B, L] share of each feature in the pooled vector: ``a_i‖h_i‖ / Σ_j a_j‖h_j‖``.
 
         ``pooled = Σ a_i h_i`` with ``h_i = e_i · v_i``, so the value enters a feature's part of the
@@ -109,7 +116,7 @@ class ConcertoTeacher(nn.Module):
         the value for (nearly) every feature — a soft compression of the dynamic range — so a
         cell's dominant marker gets a below-average ``a_i`` but still the largest ``a_i‖h_i‖``.
         """
-        _, h, w, (rows, cols) = self._pool(ids, values, mask)
+        _, h, w, (rows, cols) = self._pool(ids, values, mask, domain)
         part = w.float() * h.float().norm(dim=1)
         total = torch.zeros(mask.shape[0], device=part.device).index_add(0, rows, part)
         out = torch.zeros(mask.shape, dtype=torch.float32, device=part.device)
@@ -305,6 +312,6 @@ class Concerto(nn.Module):
         teacher = self.teachers[modality]
         with eval_mode(self):
             if kind == "contribution":
-                return ids, teacher.contributions(ids, values, mask)
+                return ids, teacher.contributions(ids, values, mask, self._domain(batch))
             _, weights = teacher(ids, values, mask, self._domain(batch))
         return ids, weights

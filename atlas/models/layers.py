@@ -89,6 +89,19 @@ class DomainBatchNorm1d(nn.Module):
         self.register_buffer("running_var", torch.ones(self.n_domains, num_features))
         self.register_buffer("domain_batches", torch.zeros(self.n_domains, dtype=torch.long))
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A plain BatchNorm1d's state (artifacts built before Concerto's value normalisation was
+        # per domain): its one set of statistics becomes every domain's, as it was applied.
+        mean = state_dict.get(prefix + "running_mean")
+        if mean is not None and mean.dim() == 1:
+            state_dict[prefix + "running_mean"] = mean.expand(self.n_domains, -1).clone()
+            state_dict[prefix + "running_var"] = state_dict[prefix + "running_var"].expand(self.n_domains, -1).clone()
+            state_dict.setdefault(prefix + "domain_batches", torch.ones(self.n_domains, dtype=torch.long))
+            state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
     def unseen_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and variance used for domains never seen in training (average of seen domains)."""
         seen = self.domain_batches > 0

@@ -131,7 +131,8 @@ def test_teacher_attention_matches_formula_and_contribution_share():
     for c in range(batch["domain"].shape[0]):
         m = batch["protein_mask"][c]
         v = batch["protein_values"][c][m]
-        v = (v - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
+        mean, var = bn._eval_statistics(batch["domain"][c : c + 1])  # the value BN is per domain
+        v = (v - mean[0, 0]) / torch.sqrt(var[0, 0] + bn.eps) * bn.weight + bn.bias
         h = teacher.embedding.weight[batch["protein_ids"][c][m]] * v[:, None]
         scores = torch.tanh(h @ teacher.pool.proj.weight.t() + teacher.pool.proj.bias) @ teacher.pool.context
         a = torch.softmax(scores, 0)
@@ -141,7 +142,7 @@ def test_teacher_attention_matches_formula_and_contribution_share():
         torch.testing.assert_close(contrib[c][m], (share / share.sum()).detach(), atol=1e-6, rtol=1e-5)
         assert float(contrib[c][~m].abs().sum()) == 0.0
         pooled, _, _, _ = teacher._pool(batch["protein_ids"][c : c + 1], batch["protein_values"][c : c + 1],
-                                        batch["protein_mask"][c : c + 1])
+                                        batch["protein_mask"][c : c + 1], batch["domain"][c : c + 1])
         torch.testing.assert_close(pooled[0], (a[:, None] * h).sum(0).detach(), atol=1e-5, rtol=1e-5)
     try:
         model.attention(batch, "protein", kind="nonsense")
