@@ -177,7 +177,7 @@ def build_atlas(build: BuildConfig, *, resume: bool = False, overwrite: bool = F
     # Training leaves moving averages of the normalisation statistics, merged across workers;
     # the reference is embedded (and queries later normalised) with the trained model's exact ones.
     model_state, recalibrated = recalibrate(embed_plan, model_spec, result.model_state,
-                                            batch_size=build.index.embed_batch_size, actors=build.index.embed_actors)
+                                            actors=build.index.embed_actors)
     seconds["recalibrate"] = time.perf_counter() - t
     log(f"[build] exact normalisation statistics of {sum(recalibrated.values())} (layer, domain) pairs "
         f"in {seconds['recalibrate']:.1f} s")

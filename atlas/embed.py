@@ -19,6 +19,7 @@ import torch
 from atlas.data.collate import table_to_batch
 from atlas.data.dataset import make_dataset
 from atlas.data.plan import ReadPlan
+from atlas.data.reader import read_block
 from atlas.models.config import build_model, config_from_dict
 from atlas.models.recalibrate import RECALIBRATION_PASSES, DomainStatistics
 
@@ -87,19 +88,26 @@ def iter_embeddings(ds: ray.data.Dataset) -> Iterator[tuple[np.ndarray, np.ndarr
 
 
 class StatisticsRecorder:
-    """A Ray Data actor: the frozen model, recording its normalisation layers' inputs per domain
-    for each block (one row out: the block's :meth:`DomainStatistics.vector`)."""
+    """A Ray actor holding the frozen model: records its normalisation layers' inputs per domain
+    over the store blocks it is given (read like the datasource reads them) and returns the
+    :meth:`DomainStatistics.vector`. The same actors serve every pass; only the weights move."""
 
-    def __init__(self, model_spec: dict[str, Any], state: Any, modalities: tuple[str, ...]):
+    def __init__(self, model_spec: dict[str, Any], state: Any, plan: ReadPlan):
+        torch.set_num_threads(1)  # one CPU per actor, as scheduled
         self.model = _load(model_spec, state).eval()  # fp32 on CPU: statistics, not throughput
-        self.modalities = modalities
+        self.plan = plan
+
+    def set_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state)
 
     @torch.inference_mode()
-    def __call__(self, table: pa.Table) -> pa.Table:
+    def record(self, blocks: list) -> np.ndarray:
         stats = DomainStatistics(self.model)
         with stats.recording():
-            self.model.embed(table_to_batch(table, self.modalities))
-        return pa.table({"stats": pa.array([stats.vector()], type=pa.list_(pa.float64()))})
+            for block in blocks:
+                for table in read_block(self.plan, block):
+                    self.model.embed(table_to_batch(table, self.plan.modalities))
+        return stats.vector()
 
 
 def recalibrate(
@@ -108,26 +116,31 @@ def recalibrate(
     state: dict[str, torch.Tensor],
     *,
     passes: int = RECALIBRATION_PASSES,
-    batch_size: int = 2048,
     actors: int = 1,
 ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """``state`` with every DomainBatchNorm1d's statistics replaced by the exact per-domain
-    statistics of the plan's cells (see :mod:`atlas.models.recalibrate`); ``passes`` streams over
-    them. Returns the new state and, per layer, how many domains were set."""
+    statistics of the plan's cells (see :mod:`atlas.models.recalibrate`); ``passes`` over them by
+    ``actors`` Ray actors that each read their share of the plan's blocks from the store.
+    Returns the new state and, per layer, how many domains were set."""
     model = _load(model_spec, {k: v.cpu() for k, v in state.items()}).eval()
     updated: dict[str, int] = {}
     if not DomainStatistics(model).layers:  # nothing to recalibrate (no domain normalisation)
         return state, updated
-    for _ in range(passes):
-        ref = ray.put({k: v.cpu() for k, v in model.state_dict().items()})
-        total = DomainStatistics(model)
-        rows = make_dataset(plan).map_batches(
-            StatisticsRecorder,
-            fn_constructor_kwargs={"model_spec": model_spec, "state": ref, "modalities": plan.modalities},
-            batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
-        )
-        for table in rows.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for vector in table.column("stats").to_pylist():
-                total.add_vector(np.asarray(vector))
-        updated = total.apply()
+    blocks = list(plan.blocks)
+    n = max(1, min(actors, len(blocks)))
+    recorder = ray.remote(StatisticsRecorder).options(num_cpus=1)
+    workers = [recorder.remote(model_spec, ray.put({k: v.cpu() for k, v in model.state_dict().items()}), plan)
+               for _ in range(n)]
+    try:
+        for step in range(passes):
+            if step:
+                weights = ray.put({k: v.cpu() for k, v in model.state_dict().items()})
+                ray.get([w.set_state.remote(weights) for w in workers])
+            total = DomainStatistics(model)
+            for vector in ray.get([w.record.remote(blocks[i::n]) for i, w in enumerate(workers)]):
+                total.add_vector(vector)
+            updated = total.apply()
+    finally:
+        for w in workers:
+            ray.kill(w)
     return {k: v.clone() for k, v in model.state_dict().items()}, updated
