@@ -235,25 +235,12 @@ def _ray_screen(command: str, verbose: bool, log_file: Path | None) -> Iterator[
     if verbose:
         yield lambda line: typer.echo(line, err=True)
         return
-    from atlas.ray_logs import BuildProgress, default_log_path, ray_output_to_file
+    from atlas.ray_logs import BuildProgress, default_log_path, ray_output_to_file, worker_progress_to
 
     log = log_file or default_log_path(command)
     typer.echo(f"Ray's own logs: {log} (--verbose shows them here)", err=True)
-    with ray_output_to_file(log) as console, BuildProgress(console) as progress:
-        with _forwarded_to(progress):
-            yield progress.line
-
-
-@contextlib.contextmanager
-def _forwarded_to(progress: Any) -> Iterator[None]:
-    """Ray workers' ``[train] …`` lines (forwarded to this driver) feed ``progress`` too."""
-    from atlas.ray_logs import forward_worker_progress
-
-    restore = forward_worker_progress(progress.line)
-    try:
-        yield
-    finally:
-        restore()
+    with ray_output_to_file(log) as console, BuildProgress(console) as progress, worker_progress_to(progress.line):
+        yield progress.line
 
 
 def _stop_local_ray() -> None:
@@ -374,7 +361,7 @@ def map_cells(
         out = map_query(adata, load_atlas(atlas_dir), names_from_text(levels), names_from_text(predict), **options)
     output.parent.mkdir(parents=True, exist_ok=True)
     out.write_h5ad(output)
-    summary = ", ".join(f"{c[:-len('_unknown')]} {out.obs[c].mean():.0%} unknown"
+    summary = ", ".join(f"{level_of(c, 'unknown')} {out.obs[c].mean():.0%} unknown"
                         for c in out.obs.columns if level_of(c, "unknown"))
     typer.echo(f"mapped {out.n_obs} cells onto atlas {out.uns['atlas']['version']} ({summary}); wrote {output}")
 

@@ -45,17 +45,12 @@ def progress_line(raw: str) -> str | None:
 
 
 @contextmanager
-def ray_output_to_file(log: Path, *, show: Callable[[str], None] | None = None) -> Iterator[Console]:
+def ray_output_to_file(log: Path) -> Iterator[Console]:
     """Send everything written to stdout/stderr (Python or native) to ``log``; yield a console on
-    the terminal. With ``show``, worker log lines that are the project's own progress (see
-    :func:`progress_line`) are passed to it as well."""
+    the terminal."""
     log = Path(log)
     log.parent.mkdir(parents=True, exist_ok=True)
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
+    _flush_std()
     log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     saved_out, saved_err = os.dup(1), os.dup(2)
     terminal = io.TextIOWrapper(os.fdopen(os.dup(saved_err), "wb", buffering=0), write_through=True,
@@ -63,21 +58,23 @@ def ray_output_to_file(log: Path, *, show: Callable[[str], None] | None = None) 
     console = Console(file=terminal, force_terminal=_is_terminal(saved_err) or None)
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
-    restore_forwarding = forward_worker_progress(show) if show is not None else (lambda: None)
     try:
         yield console
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        restore_forwarding()
+        _flush_std()
         os.dup2(saved_out, 1)
         os.dup2(saved_err, 2)
         for fd in (saved_out, saved_err, log_fd):
             os.close(fd)
         terminal.close()
+
+
+def _flush_std() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
 
 
 def _is_terminal(fd: int) -> bool:
@@ -87,32 +84,35 @@ def _is_terminal(fd: int) -> bool:
         return False
 
 
-def forward_worker_progress(show: Callable[[str], None]) -> Callable[[], None]:
-    """Let the project's progress lines from Ray workers (forwarded to this driver by Ray's
-    ``log_to_driver``) reach ``show``; Ray's own printing of them continues into the log.
+@contextmanager
+def worker_progress_to(show: Callable[[str], None]) -> Iterator[None]:
+    """Within the block, the project's progress lines from Ray workers (forwarded to this driver
+    by Ray's ``log_to_driver``) also reach ``show``; Ray's own printing of them goes on.
 
     Ray's dispatcher of forwarded worker output is private API: when it is not there (another Ray
     version), nothing is forwarded and the log file still has every line.
     """
-    try:
-        from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
-    except ImportError:
-        return lambda: None
     name = "atlas_progress"
-    last: list[str] = []
 
     def handle(data: dict) -> None:
         for raw in data.get("lines", ()):
             line = progress_line(raw)
-            if line and (not last or line != last[0]):  # ranks and Ray's dedup repeat lines
-                last[:] = [line]
+            if line:
                 show(line)
 
+    dispatcher = None
     try:
-        dispatcher.add_handler(name, handle)
+        from ray._private.worker import global_worker_stdstream_dispatcher
+
+        global_worker_stdstream_dispatcher.add_handler(name, handle)
+        dispatcher = global_worker_stdstream_dispatcher
     except Exception:  # noqa: BLE001 - a changed private API must not break the command
-        return lambda: None
-    return lambda: dispatcher.remove_handler(name)
+        pass
+    try:
+        yield
+    finally:
+        if dispatcher is not None:
+            dispatcher.remove_handler(name)
 
 
 _EPOCH = re.compile(r"^\[train\] epoch (?P<epoch>\d+)/(?P<epochs>\d+)(?: step (?P<step>\d+)/~?(?P<steps>\d+))?(?P<rest>.*)$")

@@ -61,12 +61,9 @@ def row_totals(indptr: np.ndarray, data: np.ndarray) -> np.ndarray:
     totals = np.ones(lengths.size, dtype=np.float32)
     filled = lengths > 0
     if filled.any():
-        sums = np.add.reduceat(np.asarray(data, dtype=np.float32), indptr[:-1][filled]).astype(np.float32)
-        # reduceat's last segment runs to the end of ``data``: cut it at the last row's end.
-        last_end = indptr[-1]
-        if last_end < len(data):
-            last = np.flatnonzero(filled)[-1]
-            sums[-1] = np.float32(np.sum(np.asarray(data[indptr[last]:last_end], dtype=np.float32)))
+        # Cut at the last row's end: reduceat's last segment runs to the end of what it is given.
+        values = np.asarray(data, dtype=np.float32)[: indptr[-1]]
+        sums = np.add.reduceat(values, indptr[:-1][filled]).astype(np.float32)
         totals[filled] = np.where(sums != 0, sums, np.float32(1.0))
     return totals
 

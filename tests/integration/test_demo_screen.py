@@ -49,10 +49,10 @@ def test_ray_output_goes_to_the_log_file(tmp_path):
     code = textwrap.dedent(f"""
         import logging, os, time
         import ray
-        from atlas.ray_logs import ray_output_to_file
+        from atlas.ray_logs import ray_output_to_file, worker_progress_to
 
         shown = []
-        with ray_output_to_file({str(log)!r}, show=shown.append) as console:
+        with ray_output_to_file({str(log)!r}) as console, worker_progress_to(shown.append):
             ray.init(num_cpus=1, include_dashboard=False)
 
             @ray.remote
