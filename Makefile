@@ -23,6 +23,7 @@ env: $(VENV)/.installed
 
 test: env
 	$(VENV)/bin/ruff check atlas tests benchmarks jobs serve
+	$(VENV)/bin/mypy
 	$(PY) -m pytest tests
 
 demo: env

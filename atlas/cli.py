@@ -19,7 +19,10 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from atlas.mapping.params import help_texts
 from atlas.names import level_of, pred_key
+
+_HELP = help_texts()
 
 app = typer.Typer(
     name="atlas",
@@ -313,14 +316,16 @@ def map_cells(
     token: Annotated[str | None, typer.Option(help="The service's bearer token (default: $ATLAS_TOKEN).")] = None,
     token_file: Annotated[Path | None, typer.Option(help="File holding the service's bearer token.")] = None,
     atlas_dir: Annotated[Path | None, typer.Option("--atlas", help="Map offline onto this artifact folder instead.")] = None,
-    levels: Annotated[str | None, typer.Option(help="Label levels, comma-separated (default: all).")] = None,
-    predict: Annotated[str | None, typer.Option(
-        help="Modalities to predict, comma-separated, or none (default: every one the query lacks).")] = None,
-    predict_method: Annotated[str, typer.Option(help="knn, decoder (CVQVAE atlases) or both.")] = "knn",
-    thresholds: Annotated[str, typer.Option(
-        help="Unknown below this confidence: calibrated, none, a number, or LEVEL=NUMBER,...")] = "calibrated",
-    k_coarse: Annotated[int, typer.Option(help="Neighbours in the coarse index.")] = 25,
-    k_fine: Annotated[int, typer.Option(help="Neighbours in a fine shard.")] = 5,
+    levels: Annotated[str | None, typer.Option(help=_HELP["levels"] + " Comma-separated.")] = None,
+    predict: Annotated[str | None, typer.Option(help=_HELP["predict"] + " Comma-separated.")] = None,
+    predict_method: Annotated[str | None, typer.Option(help=_HELP["predict_method"] + " [default: knn]")] = None,
+    thresholds: Annotated[str | None, typer.Option(help=_HELP["thresholds"] + " [default: calibrated]")] = None,
+    k_coarse: Annotated[str | None, typer.Option(help=_HELP["k_coarse"] + " [default: 25]")] = None,
+    k_fine: Annotated[str | None, typer.Option(help=_HELP["k_fine"] + " [default: 5]")] = None,
+    min_fraction: Annotated[str | None, typer.Option(help=_HELP["min_fraction"] + " [default: 0.5]")] = None,
+    batch_key: Annotated[str | None, typer.Option(help=_HELP["batch_key"])] = None,
+    domain_statistics: Annotated[str | None, typer.Option(help=_HELP["domain_statistics"] + " [default: query]")] = None,
+    min_domain_cells: Annotated[str | None, typer.Option(help=_HELP["min_domain_cells"] + " [default: 100]")] = None,
     neighbors: Annotated[bool, typer.Option("--neighbors", help="Also store each cell's coarse neighbours.")] = False,
     max_cells_per_request: Annotated[int, typer.Option(help="With --url: cells per request.")] = 2000,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
@@ -333,7 +338,7 @@ def map_cells(
     """
     import anndata as ad
 
-    from atlas.mapping.params import names_from_text, thresholds_from_text
+    from atlas.mapping.params import MapParams, params_from_text
 
     if (url is None) == (atlas_dir is None):
         raise fail("give exactly one of --url (a mapping service) or --atlas (an artifact folder)")
@@ -345,20 +350,23 @@ def map_cells(
         raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
     if not query.is_file():
         raise FileNotFoundError(f"query file {query} not found")
-    options = dict(predict_method=predict_method, thresholds=thresholds_from_text(thresholds), k_coarse=k_coarse,
-                   k_fine=k_fine, return_neighbors=neighbors)
+    params = MapParams.parse(params_from_text({
+        "levels": levels, "predict": predict, "predict_method": predict_method, "thresholds": thresholds,
+        "k_coarse": k_coarse, "k_fine": k_fine, "min_fraction": min_fraction, "batch_key": batch_key,
+        "domain_statistics": domain_statistics,
+        "min_domain_cells": min_domain_cells}), return_neighbors=neighbors)
     adata = ad.read_h5ad(query)
     if url is not None:
         from atlas.client import AtlasClient
 
         secret = token_file.read_text().strip() if token_file is not None else token
         with AtlasClient(url, secret, max_cells_per_request=max_cells_per_request) as client:
-            out = client.map(adata, names_from_text(levels), names_from_text(predict), progress=progress, **options)
+            out = client.map(adata, params, progress=progress)
     else:
         from atlas.artifact import load_atlas
         from atlas.mapping import map_query
 
-        out = map_query(adata, load_atlas(atlas_dir), names_from_text(levels), names_from_text(predict), **options)
+        out = map_query(adata, load_atlas(atlas_dir), params)
     output.parent.mkdir(parents=True, exist_ok=True)
     out.write_h5ad(output)
     summary = ", ".join(f"{level_of(c, 'unknown')} {out.obs[c].mean():.0%} unknown"

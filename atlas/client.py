@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from atlas.errors import AtlasError
@@ -147,35 +147,27 @@ class AtlasClient:
         self._info = self._request("GET", "/v1/atlas").json()
         return self._info
 
-    def map(
-        self,
-        adata: Any,
-        levels: Sequence[str] | None = None,
-        predict: Sequence[str] | None = None,
-        *,
-        predict_method: str = "knn",
-        thresholds: str | float | Mapping[str, float] | None = "calibrated",
-        k_coarse: int = 25,
-        k_fine: int = 5,
-        return_neighbors: bool = False,
-        min_fraction: float = 0.5,
-        progress: bool = True,
-    ) -> Any:
+    def map(self, adata: Any, params: MapParams | Mapping[str, Any] | None = None, *, progress: bool = True,
+            **options: Any) -> Any:
         """Map the query's cells onto the served atlas.
 
         Args:
             adata: The query AnnData with raw counts (see the module docstring for where).
-            levels: Label levels to predict (default: every level of the atlas).
-            predict: Modalities to predict, e.g. ``["protein"]`` (default: every one the atlas
-                can predict that the query lacks; ``[]`` for none).
-            predict_method: ``"knn"`` (mean of the nearest reference cells), ``"decoder"``
-                (CVQVAE atlases) or ``"both"``.
-            thresholds: Minimum confidence below which a cell is ``"unknown"``:
-                ``"calibrated"`` (the atlas's own), one number, a dict per level, or None.
-            k_coarse, k_fine: Neighbours in the coarse index and in a fine shard.
-            return_neighbors: Also return each cell's coarse neighbours.
-            min_fraction: Least fraction of the atlas's features the query must have.
+            params: Mapping options (:class:`~atlas.mapping.params.MapParams`), or give them as
+                keywords: ``levels`` (default: every level of the atlas), ``predict`` (e.g.
+                ``["protein"]``; default: every modality the atlas can predict that the query
+                lacks; ``[]`` for none), ``predict_method`` (``"knn"``, ``"decoder"`` for CVQVAE
+                atlases, or ``"both"``), ``thresholds`` (``"calibrated"``, one number, a dict per
+                level, or None), ``k_coarse``, ``k_fine``, ``return_neighbors``,
+                ``min_fraction``, ``batch_key`` (obs column of the query's batches) or
+                ``batch`` (one name for the whole query), ``domain_statistics`` and
+                ``min_domain_cells``.
             progress: Show a progress bar.
+
+        Each query batch (``obs[batch_key]``, or ``batch``) of at least
+        ``min_domain_cells`` cells is sent in requests of its own, as large as the service allows,
+        so that it is normalised by its own statistics exactly as offline; a batch larger than one
+        request is normalised per request (``uns["atlas"]["query_domains"]`` says so: ``requests``).
 
         Returns:
             An AnnData with the query's ``obs_names``: ``obs[f"{level}_pred"]``,
@@ -183,14 +175,13 @@ class AtlasClient:
             ``obsm[f"{m}_pred"]`` per predicted modality and ``uns["atlas"]`` — exactly what
             :func:`atlas.mapping.map_query` returns.
         """
-        from atlas.mapping.align import MappingError, query_modalities
-        from atlas.wire import concat_results, parse_params, result_to_anndata
+        import numpy as np
 
-        params = parse_params(MapParams(
-            levels=None if levels is None else list(levels), predict=None if predict is None else list(predict),
-            predict_method=predict_method, thresholds=dict(thresholds) if isinstance(thresholds, Mapping) else thresholds,
-            k_coarse=k_coarse, k_fine=k_fine, return_neighbors=return_neighbors, min_fraction=min_fraction,
-        ).to_json()).to_json()
+        from atlas.mapping.align import MappingError, query_modalities
+        from atlas.mapping.domains import batch_labels, domains_report
+        from atlas.wire import concat_results, result_to_anndata, take_cells
+
+        params = MapParams.parse(params, **options)
         n = adata.n_obs
         if n == 0:
             raise MappingError("the query has no cells")
@@ -200,22 +191,55 @@ class AtlasClient:
                                "other modalities in adata.obsm as DataFrames (e.g. obsm['protein'])")
         info = self._info if self._info is not None else self.info()
         limits = info.get("limits") or {}
-        per_request = min(self.max_cells_per_request, int(limits.get("max_cells_per_request") or n))
+        server_cells = int(limits.get("max_cells_per_request") or n)
         max_bytes = int(limits.get("max_request_bytes") or 0) or None
 
-        ranges = [(start, min(start + per_request, n)) for start in range(0, n, per_request)]
+        # Requests: (query rows, batch name or None, parameters sent, cells per request). A batch
+        # with its own statistics goes whole (as far as the service allows), named by `batch`;
+        # the other cells share requests and the reference's statistics.
+        batches = batch_labels(adata, params.batch_key, params.batch)
+        names, codes = np.unique((batches if batches is not None else np.array([], dtype=object)).astype(str),
+                                 return_inverse=True)
+        counts = np.bincount(codes, minlength=len(names))
+        own = (counts >= params.min_domain_cells) & (params.domain_statistics != "reference")
+        groups: list[tuple[np.ndarray, str | None, MapParams, int]] = []
+        for i in np.flatnonzero(own):
+            groups.append((np.flatnonzero(codes == i), str(names[i]),
+                           params.model_copy(update={"batch_key": None, "batch": str(names[i])}), server_cells))
+        rest = np.arange(n) if batches is None else np.flatnonzero(~own[codes])
+        if len(rest):
+            groups.append((rest, None, params.model_copy(update={"batch_key": None, "batch": None}),
+                           min(self.max_cells_per_request, server_cells)))
+        jobs = [(rows[a : a + size], name, p.to_json()) for rows, name, p, size in groups
+                for a in range(0, len(rows), size)]
+
         with _progress(progress, n) as advance:
-            if self.concurrency == 1 or len(ranges) == 1:
-                chunks = [self._map_range(adata, a, b, modalities, params, max_bytes, advance) for a, b in ranges]
+            def run(job: tuple[np.ndarray, str | None, dict[str, Any]]) -> list[Any]:
+                rows, _, sent_params = job
+                return self._map_range(adata[rows], 0, len(rows), modalities, sent_params, max_bytes, advance)
+
+            if self.concurrency == 1 or len(jobs) == 1:
+                chunks = [run(job) for job in jobs]
             else:
                 from concurrent.futures import ThreadPoolExecutor
 
                 # Each thread slices and encodes its own chunk: only `concurrency` bodies exist at once.
-                with ThreadPoolExecutor(min(self.concurrency, len(ranges)), thread_name_prefix="atlas-map") as pool:
-                    chunks = list(pool.map(
-                        lambda r: self._map_range(adata, r[0], r[1], modalities, params, max_bytes, advance), ranges))
-        parts = [part for chunk in chunks for part in chunk]
-        return result_to_anndata(concat_results(parts), obs_names=adata.obs_names)
+                with ThreadPoolExecutor(min(self.concurrency, len(jobs)), thread_name_prefix="atlas-map") as pool:
+                    chunks = list(pool.map(run, jobs))
+        result = concat_results([part for chunk in chunks for part in chunk])
+        rows = np.concatenate([job[0] for job in jobs])
+        result = take_cells(result, np.argsort(rows, kind="stable"))
+        report = domains_report(params.domain_statistics, params.batch_key, params.batch, params.min_domain_cells)
+        for i, name in enumerate(names):
+            parts = [c for job, c in zip(jobs, chunks) if job[1] == name]
+            entry = {"cells": int(counts[i]), "own_statistics": bool(parts) and all(
+                p.uns["atlas"]["query_domains"]["batches"].get(str(name), {}).get("own_statistics", False)
+                for chunk in parts for p in chunk)}
+            if sum(len(c) for c in parts) > 1:
+                entry["requests"] = sum(len(c) for c in parts)
+            report["batches"][str(name)] = entry
+        result.uns.setdefault("atlas", {})["query_domains"] = report
+        return result_to_anndata(result, obs_names=adata.obs_names)
 
     def _map_range(self, adata: Any, start: int, stop: int, modalities: list[str], params: dict[str, Any],
                    max_bytes: int | None, advance: Any) -> list[Any]:

@@ -22,6 +22,7 @@ from atlas.data.plan import ReadPlan
 from atlas.data.reader import read_block
 from atlas.models.config import build_model, config_from_dict
 from atlas.models.recalibrate import RECALIBRATION_PASSES, DomainStatistics
+from atlas.train.step import autocast_context
 
 
 def _load(model_spec: dict[str, Any], state: Any) -> torch.nn.Module:
@@ -43,7 +44,7 @@ class Embedder:
     @torch.inference_mode()
     def __call__(self, table: pa.Table) -> pa.Table:
         batch = {k: v.to(self.device) for k, v in table_to_batch(table, self.modalities).items()}
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with autocast_context(self.device):  # the query's rule too (atlas.mapping.embedding)
             z = self.model.embed(batch)
         z = z.float().cpu().numpy()
         return pa.table({

@@ -3,3 +3,7 @@
 
 class AtlasError(Exception):
     """Base of every user-facing error: the message says what was wrong and what to do."""
+
+
+class MappingError(AtlasError):
+    """The query cannot be mapped onto this atlas as given (the message says what to change)."""

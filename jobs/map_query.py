@@ -13,32 +13,28 @@ import argparse
 import sys
 
 from atlas.errors import AtlasError
-from atlas.mapping.align import MappingError
 from atlas.mapping.offline import map_offline
-from atlas.mapping.params import names_from_text, thresholds_from_text
+from atlas.mapping.params import MapParams, help_texts, params_from_text
 
-
-def _thresholds(value: str):
-    try:
-        return thresholds_from_text(value)
-    except MappingError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+# Options of the offline runner itself; the mapping parameters come from MapParams.
+_RUNNER = ("atlas", "query", "output", "actors", "cpus_per_actor", "block_cells", "batch_size", "gpu", "overwrite",
+           "no_progress")
 
 
 def parser() -> argparse.ArgumentParser:
-    """The job's options; ``--levels``, ``--predict`` and ``--thresholds`` read as ``atlas map`` reads them."""
+    """The job's options: the runner's, and one ``--name`` per mapping parameter, read as
+    ``atlas map`` and the service's query string read them (one text parser)."""
     parser = argparse.ArgumentParser(description="Map a query (.h5ad, AnnData-zarr or atlas store) onto an atlas "
                                                  "with Ray Data; write Parquet and a summary.")
     parser.add_argument("--atlas", required=True, help="atlas artifact folder")
     parser.add_argument("--query", required=True, help="query .h5ad file, AnnData-zarr folder or atlas store")
     parser.add_argument("--output", "-o", required=True, help="output folder (cells/*.parquet, summary.json)")
-    parser.add_argument("--levels", help="comma-separated label levels (default: all of the atlas)")
-    parser.add_argument("--predict", help="comma-separated modalities to predict, or none (default: all the query lacks)")
-    parser.add_argument("--predict-method", default="knn", choices=["knn", "decoder", "both"])
-    parser.add_argument("--k-coarse", type=int, default=25)
-    parser.add_argument("--k-fine", type=int, default=5)
-    parser.add_argument("--thresholds", type=_thresholds, default="calibrated",
-                        help="'calibrated' (default), 'none', one minimum confidence for every level, or LEVEL=NUMBER,...")
+    for name, text in help_texts().items():
+        if name == "return_neighbors":  # the offline mapper's Parquet has no neighbour columns
+            continue
+        default = MapParams.model_fields[name].default
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, metavar="TEXT",
+                            help=text if default is None else f"{text} (default: {default})")
     parser.add_argument("--actors", type=int, default=1, help="mapping actors (each loads the atlas once)")
     parser.add_argument("--cpus-per-actor", type=float, default=1.0)
     parser.add_argument("--block-cells", type=int, default=8192, help="cells per read task / mapping call")
@@ -49,14 +45,17 @@ def parser() -> argparse.ArgumentParser:
     return parser
 
 
+def params_of(args: argparse.Namespace) -> MapParams:
+    """The mapping parameters the command line gave (raises MappingError, an AtlasError)."""
+    text = {k: v for k, v in vars(args).items() if k not in _RUNNER}
+    return MapParams.parse(params_from_text(text))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         summary = map_offline(
-            args.query, args.atlas, args.output, levels=names_from_text(args.levels),
-            predict=names_from_text(args.predict),
-            predict_method=args.predict_method, k_coarse=args.k_coarse, k_fine=args.k_fine,
-            thresholds=args.thresholds, block_cells=args.block_cells, actors=args.actors,
+            args.query, args.atlas, args.output, params_of(args), block_cells=args.block_cells, actors=args.actors,
             cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size, use_gpu=args.gpu,
             overwrite=args.overwrite, progress=not args.no_progress,
         )

@@ -119,7 +119,7 @@ def top_k_per_row(
     lengths = np.diff(indptr)
     if lengths.size == 0 or lengths.max() <= k:
         return indptr, indices, data
-    row = np.repeat(np.arange(lengths.size), lengths)
+    row: np.ndarray = np.repeat(np.arange(lengths.size), lengths)
     # Rank entries within each row by value, descending: sort by (row, -value).
     order = np.lexsort((-data, row))
     rank = np.empty_like(order)
@@ -140,7 +140,7 @@ def pad_rows(
     ids = np.zeros((n_rows, width), dtype=np.int64)
     values = np.zeros((n_rows, width), dtype=np.float32)
     mask = np.zeros((n_rows, width), dtype=bool)
-    rows = np.repeat(np.arange(n_rows), lengths)
+    rows: np.ndarray = np.repeat(np.arange(n_rows), lengths)
     cols = np.arange(indices.size) - np.repeat(np.asarray(indptr[:-1], np.int64), lengths)
     ids[rows, cols] = indices
     values[rows, cols] = data

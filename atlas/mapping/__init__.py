@@ -7,7 +7,9 @@ coarse-to-fine over the index shards, and predict the modalities it lacks.
 * :mod:`atlas.mapping.search` — shard search and merging behind a searcher (local or Serve).
 * :mod:`atlas.mapping.query` — :func:`map_query`, used by the offline path and the service.
 * :mod:`atlas.mapping.calibrate` — unknown-rejection thresholds calibrated at build time.
-* :mod:`atlas.mapping.params` — the mapping options as typed on a command line (both CLIs).
+* :mod:`atlas.mapping.params` — :class:`MapParams`, the mapping options declared once (and their
+  text forms for command lines and query strings).
+* :mod:`atlas.mapping.domains` — which query cells share normalisation statistics.
 * :mod:`atlas.mapping.offline` / :mod:`atlas.mapping.query_source` — millions of cells with Ray
   Data (``jobs/map_query.py``); :mod:`atlas.mapping.offline_output` — its Parquet output and
   :func:`read_mapping`. Not imported here, so ``import atlas.mapping`` needs no Ray.
@@ -21,6 +23,7 @@ _EXPORTS = {
     "MappingError": "align", "align_query": "align", "normalize_aligned": "align", "query_modalities": "align",
     "UNKNOWN": "query", "assign_labels": "query", "embed_prepared": "query", "embed_query": "query",
     "map_query": "query", "predict_profiles": "query", "prepare_query": "query", "run_mapping": "query",
+    "MapParams": "params",
     "Hits": "search", "LocalSearcher": "search", "merge_hits": "search", "search_shard": "search",
     "mean_profile": "vote", "weighted_vote": "vote",
 }

@@ -23,14 +23,10 @@ import pandas as pd
 import scipy.sparse as sp
 
 from atlas.data.batches import normalize_log1p, tfidf_log1p
-from atlas.errors import AtlasError
+from atlas.errors import MappingError  # noqa: F401 (defined there, raised and imported from here)
 
 #: How many unknown query feature names a report lists (the count is always complete).
 _REPORT_NAMES = 20
-
-
-class MappingError(AtlasError):
-    """The query cannot be mapped onto this atlas as given (the message says what to change)."""
 
 
 def query_matrix(adata: Any, modality: str) -> tuple[sp.csr_matrix, list[str]] | None:

@@ -39,8 +39,6 @@ import contextlib
 import functools
 import json
 import os
-import sys
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -55,6 +53,8 @@ from ray.data.block import BlockMetadata
 
 from atlas.errors import AtlasError
 from atlas.mapping.align import MappingError
+from atlas.mapping.domains import domains_report
+from atlas.mapping.offline_domains import exact_query_domains
 from atlas.mapping.offline_output import (  # noqa: F401 - CELLS_DIR, SUMMARY, read_mapping: public here too
     CELLS_DIR,
     FEATURES,
@@ -67,6 +67,8 @@ from atlas.mapping.offline_output import (  # noqa: F401 - CELLS_DIR, SUMMARY, r
     read_mapping,
     result_table,
 )
+from atlas.mapping.offline_progress import MappingProgress
+from atlas.mapping.params import MapParams
 from atlas.mapping.query_source import (
     QueryBlock,
     QuerySource,
@@ -75,27 +77,11 @@ from atlas.mapping.query_source import (
     open_query,
     plan_query_blocks,
     read_query_block,
+    with_batch_key,
 )
 from atlas.staging import staged_output
 
 _PREFLIGHT_CELLS = 256
-
-
-@dataclass(frozen=True)
-class MappingOptions:
-    """What every mapping actor passes to :func:`~atlas.mapping.map_query` (see its docstring)."""
-
-    levels: tuple[str, ...] | None = None
-    """Label levels to vote (None: every level of the atlas)."""
-    predict: tuple[str, ...] | None = None
-    """Modalities to predict (None: every one the atlas can predict that the query lacks)."""
-    predict_method: str = "knn"
-    k_coarse: int = 25
-    k_fine: int = 5
-    thresholds: Any = "calibrated"
-    min_fraction: float = 0.5
-    batch_size: int = 1024
-    """Cells per forward pass of the model inside a block."""
 
 
 @dataclass
@@ -164,8 +150,8 @@ class QueryDatasource(Datasource):
 class BlockMapper:
     """A Ray Data actor: loads the atlas (model, shards) once, then maps block after block."""
 
-    def __init__(self, atlas_dir: str, features: dict[str, list[str]], options: MappingOptions,
-                 use_gpu: bool = False, progress: Any = None):
+    def __init__(self, atlas_dir: str, features: dict[str, list[str]], params: MapParams, batch_size: int = 1024,
+                 use_gpu: bool = False, progress: Any = None, domains: Any = None):
         import torch
 
         from atlas.artifact import load_atlas
@@ -174,51 +160,40 @@ class BlockMapper:
         self.atlas = load_atlas(atlas_dir, verify="lazy")
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.model = self.atlas.model(self.device)
+        self.fixed = None
+        if domains is not None:  # the whole query's statistics (atlas.mapping.offline_domains)
+            from atlas.models.recalibrate import add_query_domains, set_query_statistics
+
+            self.fixed, statistics = domains
+            self.model, _ = add_query_domains(self.model, len(self.fixed.names))
+            set_query_statistics(self.model, self.fixed.offset, statistics, keep=np.array(self.fixed.own))
         shard_kwargs = {"use_gpu": True} if self.device == "cuda" else {}
         self.searcher = LocalSearcher(self.atlas, **shard_kwargs)
         self.features = features
-        self.options = options
+        self.params = params
+        self.batch_size = batch_size
         self.progress = progress
 
     def __call__(self, table: pa.Table) -> pa.Table:
         from atlas.mapping.query import map_query
 
-        o = self.options
-        result = map_query(
-            block_to_anndata(table, self.features), self.atlas,
-            levels=list(o.levels) if o.levels is not None else None,
-            predict=list(o.predict) if o.predict is not None else None,
-            k_coarse=o.k_coarse, k_fine=o.k_fine, thresholds=o.thresholds,
-            predict_method=o.predict_method, min_fraction=o.min_fraction, batch_size=o.batch_size,
-            device=self.device, searcher=self.searcher, model=self.model,
-        )
+        result = map_query(block_to_anndata(table, self.features, self.params.batch_key), self.atlas, self.params,
+                           batch_size=self.batch_size, device=self.device, searcher=self.searcher, model=self.model,
+                           fixed_domains=self.fixed)
         if self.progress is not None:
             self.progress.add.remote(table.num_rows)  # fire and forget: progress only
         return result_table(result, table.column("row").to_numpy())
 
 
-@ray.remote(num_cpus=0)
-class _CellCounter:
-    """Cells mapped so far, for the driver's progress bar (approximate if a block is retried)."""
-
-    def __init__(self) -> None:
-        self.cells = 0
-
-    def add(self, n: int) -> None:
-        self.cells += int(n)
-
-    def get(self) -> int:
-        return self.cells
-
-
 def mapping_dataset(source: QuerySource, blocks: Sequence[QueryBlock], atlas_dir: str | Path,
-                    options: MappingOptions, *, actors: int = 1, cpus_per_actor: float = 1.0,
-                    use_gpu: bool = False, progress: Any = None) -> ray.data.Dataset:
+                    params: MapParams, *, batch_size: int = 1024, actors: int = 1, cpus_per_actor: float = 1.0,
+                    use_gpu: bool = False, progress: Any = None, domains: Any = None) -> ray.data.Dataset:
     """The lazy Ray Data pipeline: read tasks over ``blocks`` → mapping actor pool."""
     return ray.data.read_datasource(QueryDatasource(source, blocks), override_num_blocks=len(blocks)).map_batches(
         BlockMapper,
         fn_constructor_kwargs={"atlas_dir": str(Path(atlas_dir).resolve()), "features": source.features,
-                               "options": options, "use_gpu": use_gpu, "progress": progress},
+                               "params": params, "batch_size": batch_size, "use_gpu": use_gpu,
+                               "progress": progress, "domains": domains},
         batch_size=None,  # one read block = one call: a worker holds a few blocks, never more
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actors),
@@ -251,24 +226,20 @@ def _check_output(output: Path, overwrite: bool) -> None:
                                "(overwrite=True) to replace it")
 
 
-def _preflight(source: QuerySource, blocks: list[QueryBlock], atlas: Any, options: MappingOptions
+def _preflight(source: QuerySource, blocks: list[QueryBlock], atlas: Any, options: MapParams
                ) -> tuple[dict[str, Any], list[str] | None, Any]:
     """Fail fast, before any worker starts, on what a user must fix: the query's features,
     species and counts (checked on its first cells), levels, thresholds and options.
     Returns ``(alignment reports, resolved levels or None, resolved thresholds)``."""
-    from atlas.mapping.query import PREDICT_METHODS, prepare_query, resolve_thresholds
+    from atlas.mapping.query import prepare_query, resolve_thresholds
 
     if atlas.layout is None:
         raise MappingError(f"atlas {atlas.version} has no index shards; rebuild it with index levels")
-    if options.k_coarse < 1 or options.k_fine < 1:
-        raise MappingError("k_coarse and k_fine must be ≥ 1")
-    if options.predict_method not in PREDICT_METHODS:
-        raise MappingError(f"predict_method must be one of {list(PREDICT_METHODS)}, got {options.predict_method!r}")
     first = blocks[0]
     head = QueryBlock(first.start, min(first.stop, first.start + _PREFLIGHT_CELLS),
                       None if first.joinids is None else first.joinids[:_PREFLIGHT_CELLS])
-    _, _, reports = prepare_query(block_to_anndata(read_query_block(source, head), source.features), atlas,
-                                  min_fraction=options.min_fraction)
+    _, _, reports = prepare_query(block_to_anndata(read_query_block(source, head), source.features,
+                                                   options.batch_key), atlas, min_fraction=options.min_fraction)
     levels = None
     if atlas.layout.mode == "hierarchy":  # hash layouts name their levels in the shards: actors check
         available = list(atlas.layout.levels)
@@ -301,78 +272,12 @@ def _atlas_error(err: BaseException) -> str | None:
     return None
 
 
-class _Progress:
-    """A rich progress bar on a terminal, a log line every ~10 % otherwise (job logs)."""
-
-    def __init__(self, total: int, log: Callable[[str], None]):
-        self.total, self.log = total, log
-        self.counter = _CellCounter.remote()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._start = time.perf_counter()
-
-    def __enter__(self) -> _Progress:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Stop the bar and the counter actor (idempotent)."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-        if self.counter is not None:
-            ray.kill(self.counter)
-            self.counter = None
-
-    def _run(self) -> None:
-        if sys.stdout.isatty():
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            with Progress(TextColumn("[bold]map"), BarColumn(), MofNCompleteColumn(), TextColumn("cells"),
-                          TimeElapsedColumn(), TimeRemainingColumn()) as bar:
-                task = bar.add_task("map", total=self.total)
-                while not self._stop.wait(1.0):
-                    bar.update(task, completed=min(self._cells(), self.total))
-                bar.update(task, completed=min(self._cells(), self.total))
-            return
-        step, next_report = max(self.total // 10, 1), max(self.total // 10, 1)
-        while not self._stop.wait(2.0):
-            done = self._cells()
-            if done >= next_report:
-                elapsed = time.perf_counter() - self._start
-                self.log(f"[map] {done:,}/{self.total:,} cells ({done / self.total:.0%}), "
-                         f"{done / max(elapsed, 1e-9):,.0f} cells/s")
-                next_report = (done // step + 1) * step
-
-    def _cells(self) -> int:
-        try:
-            return int(ray.get(self.counter.get.remote(), timeout=10))
-        except Exception:  # noqa: BLE001 - progress must never fail the run
-            return 0
-
-
 def map_offline(
     query: str | os.PathLike,
     atlas_dir: str | os.PathLike,
     output: str | os.PathLike,
+    params: MapParams | Mapping[str, Any] | None = None,
     *,
-    levels: Sequence[str] | None = None,
-    predict: Sequence[str] | None = None,
-    predict_method: str = "knn",
-    k_coarse: int = 25,
-    k_fine: int = 5,
-    thresholds: str | float | Mapping[str, float] | None = "calibrated",
-    min_fraction: float = 0.5,
     block_cells: int = 8192,
     actors: int = 1,
     cpus_per_actor: float = 1.0,
@@ -381,6 +286,7 @@ def map_offline(
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    **options: Any,
 ) -> OfflineSummary:
     """Map every cell of a query file onto an atlas with Ray Data; write Parquet + a summary.
 
@@ -388,7 +294,11 @@ def map_offline(
     :mod:`atlas.mapping.query_source`); it is read ``block_cells`` cells per read task and never
     loaded whole. ``actors`` mapping actors (each ``cpus_per_actor`` CPUs, or a GPU with
     ``use_gpu``) each load the atlas once and run :func:`~atlas.mapping.map_query` on one block
-    at a time with the options given here (same meaning as there). Results go to
+    at a time with the mapping options (:class:`~atlas.mapping.params.MapParams`, as ``params``
+    and/or keywords, same meaning as there). Given ``batch_key`` or ``batch`` (and unless
+    ``domain_statistics="reference"``) the actors first pass over every block to take each query batch's normalisation statistics
+    (:mod:`atlas.mapping.offline_domains`), so the result equals ``map_query`` on the whole
+    query whatever the blocks. Results go to
     ``output/cells/*.parquet`` (see the module docstring); read them back with
     :func:`read_mapping`. Ray is started locally unless already initialised or ``RAY_ADDRESS``
     names a cluster (then ``output`` must be on storage every node shares).
@@ -401,6 +311,7 @@ def map_offline(
     from atlas.mapping.query import model_modalities
 
     started = time.perf_counter()
+    params = MapParams.parse(params, **options)
     output = Path(output)
     _check_output(output, overwrite)
     if actors < 1:
@@ -413,12 +324,10 @@ def map_offline(
                            "put RNA counts in X (or layers['counts']) and other modalities in obsm as DataFrames")
     if source.n_cells == 0:
         raise MappingError(f"query {query} has no cells")
-    options = MappingOptions(
-        levels=tuple(levels) if levels is not None else None, predict=tuple(predict) if predict is not None else None,
-        predict_method=predict_method, k_coarse=k_coarse, k_fine=k_fine, thresholds=thresholds,
-        min_fraction=min_fraction, batch_size=batch_size)
+    if params.batch_key is not None:
+        source = with_batch_key(source, params.batch_key)
     blocks = plan_query_blocks(source, block_cells)
-    reports, resolved_levels, resolved_thresholds = _preflight(source, blocks, atlas, options)
+    reports, resolved_levels, resolved_thresholds = _preflight(source, blocks, atlas, params)
     log(f"[map] query {query} ({source.format}): {source.n_cells:,} cells in {len(blocks)} blocks of "
         f"≤ {block_cells:,}; atlas {atlas.version}; {actors} actor(s)"
         + (" on GPU" if use_gpu else f" × {cpus_per_actor:g} CPU"))
@@ -432,10 +341,15 @@ def map_offline(
     context.raise_original_map_exception = True
 
     with staged_output(output) as staging:
-        tracker = _Progress(source.n_cells, log) if progress else None
+        tracker = None
         try:
-            ds = mapping_dataset(source, blocks, atlas_dir, options, actors=actors, cpus_per_actor=cpus_per_actor,
-                                 use_gpu=use_gpu, progress=tracker.counter if tracker else None)
+            domains = exact_query_domains(source, blocks, atlas, atlas_dir, params, actors=actors,
+                                          cpus_per_actor=cpus_per_actor, batch_size=batch_size, use_gpu=use_gpu,
+                                          log=log)
+            tracker = MappingProgress(source.n_cells, log) if progress else None
+            ds = mapping_dataset(source, blocks, atlas_dir, params, batch_size=batch_size, actors=actors,
+                                 cpus_per_actor=cpus_per_actor, use_gpu=use_gpu,
+                                 progress=tracker.counter if tracker else None, domains=domains)
             with tracker if tracker else contextlib.nullcontext():
                 ds.write_parquet(str((staging / CELLS_DIR).resolve()))
         except Exception as err:
@@ -460,10 +374,12 @@ def map_offline(
             predicted={k: len(v) for k, v in features.items()},
             atlas={"version": atlas.version, "alignment": reports,
                    "levels": resolved_levels if resolved_levels is not None else sorted(level_counts),
-                   "k_coarse": k_coarse, "k_fine": k_fine,
+                   "k_coarse": params.k_coarse, "k_fine": params.k_fine,
                    "thresholds": dict(resolved_thresholds) if isinstance(resolved_thresholds, Mapping)
                    else resolved_thresholds,
-                   "predict_method": predict_method},
+                   "predict_method": params.predict_method,
+                   "query_domains": domains[0].report if domains is not None else
+                   domains_report(params.domain_statistics, params.batch_key, params.batch, params.min_domain_cells)},
         )
         (staging / SUMMARY).write_text(json.dumps(summary.to_dict(), indent=1, default=json_default) + "\n")
     log(format_summary(summary))

@@ -32,15 +32,16 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-import torch
 
-from atlas.data.batches import csr_to_batch
 from atlas.mapping.align import (
     MappingError,
     align_query,
     normalize_aligned,
     query_modalities,
 )
+from atlas.mapping.domains import FixedDomains, QueryDomains, batch_labels, query_domains
+from atlas.mapping.embedding import embed_prepared
+from atlas.mapping.params import PREDICT_METHODS, MapParams  # noqa: F401 (PREDICT_METHODS: re-exported)
 from atlas.mapping.search import Hits, LocalSearcher, Searcher
 from atlas.mapping.vote import weighted_vote
 from atlas.names import (
@@ -58,7 +59,6 @@ from atlas.names import (
 )
 
 MODELS = ("concerto", "cvqvae")
-PREDICT_METHODS = ("knn", "decoder", "both")
 
 
 def _as_atlas(atlas: Any) -> Any:
@@ -116,34 +116,6 @@ def decodable(manifest: Mapping[str, Any], have: Sequence[str]) -> dict[str, str
     if b in have and a not in have:
         out[a] = b
     return out
-
-
-def embed_prepared(aligned: Mapping[str, sp.csr_matrix], model: Any, *, max_features: int | None = None,
-                   batch_size: int = 1024, device: str = "cpu", decode: Mapping[str, str] | None = None
-                   ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Embed prepared cells with the frozen model, ``batch_size`` cells at a time (bounded memory).
-
-    Cells enter as an unseen domain (-1: Concerto uses the mean of its reference domains'
-    statistics). ``decode`` (``{target: source}``, CVQVAE only) also returns the decoder's
-    cross-modal prediction of each target over its vocabulary (log-normalised scale).
-    """
-    n = next(iter(aligned.values())).shape[0]
-    decode = dict(decode or {})
-    chunks: list[np.ndarray] = []
-    decoded: dict[str, list[np.ndarray]] = {m: [] for m in decode}
-    with torch.no_grad():
-        for start in range(0, n, batch_size):
-            stop = min(start + batch_size, n)
-            batch = csr_to_batch({m: x[start:stop] for m, x in aligned.items()},
-                                 domain=np.full(stop - start, -1), normalize=False,
-                                 max_features=max_features)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            chunks.append(model.embed(batch).float().cpu().numpy())
-            for target, source in decode.items():
-                decoded[target].append(model.predict_other(batch, source)["features"].float().cpu().numpy())
-    dim = model.config.embed_dim if hasattr(model.config, "embed_dim") else model.config.latent_dim
-    emb = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
-    return emb.astype(np.float32), {m: np.concatenate(v).astype(np.float32) for m, v in decoded.items() if v}
 
 
 def max_features_of(manifest: Mapping[str, Any]) -> int | None:
@@ -297,21 +269,22 @@ def assemble(obs_names: Any, emb: np.ndarray, labels: pd.DataFrame, profiles: Ma
 def map_query(
     adata: Any,
     atlas: Any,
-    levels: Sequence[str] | None = None,
-    predict: Sequence[str] | None = None,
-    k_coarse: int = 25,
-    k_fine: int = 5,
-    thresholds: str | float | Mapping[str, float] | None = "calibrated",
-    return_neighbors: bool = False,
+    params: MapParams | Mapping[str, Any] | None = None,
     *,
-    predict_method: str = "knn",
-    min_fraction: float = 0.5,
     batch_size: int = 1024,
     device: str = "cpu",
     searcher: Searcher | None = None,
     model: Any = None,
+    fixed_domains: FixedDomains | None = None,
+    **options: Any,
 ) -> ad.AnnData:
     """Map the query's cells onto an atlas (an :class:`~atlas.artifact.Atlas` or its folder).
+
+    The mapping options are the fields of :class:`~atlas.mapping.params.MapParams`, given as
+    ``params`` and/or keywords (``map_query(adata, atlas, levels=["cell_type_l1"], k_coarse=30)``):
+    ``levels``, ``predict``, ``predict_method``, ``k_coarse``, ``k_fine``, ``thresholds``,
+    ``return_neighbors``, ``min_fraction``, ``batch_key``, ``batch``, ``domain_statistics``,
+    ``min_domain_cells`` (see that class for each one's meaning and default).
 
     Returns an AnnData with the query's ``obs_names`` and no X, holding per level of ``levels``
     (default: every level of the atlas) ``obs[f"{level}_pred"]`` (``"unknown"`` when rejected),
@@ -323,80 +296,86 @@ def map_query(
     cross-modal decoder) or ``"both"`` (kNN in ``{m}_pred``, decoder in ``{m}_pred_decoder``).
     ``thresholds``: ``"calibrated"`` (default: the per-level minimum confidence calibrated at
     build time on held-out reference cells), a dict per level, one float for all, or None (no
-    rejection); below it a cell is ``{level}_unknown`` and labelled ``"unknown"``.
-    ``uns["atlas"]`` holds the version, alignment reports and parameters. With
+    rejection); below it a cell is ``{level}_unknown`` and labelled ``"unknown"``. Each query
+    batch (``obs[batch_key]``, or ``batch`` for the whole query) of at least ``min_domain_cells``
+    cells is normalised by its own statistics (:mod:`atlas.mapping.domains`); without either,
+    every cell by the reference's average.
+    ``uns["atlas"]`` holds the version, alignment reports, parameters and ``query_domains``. With
     ``return_neighbors``: ``obsm["atlas_neighbors_soma_joinid"]`` (int64, -1 = none),
     ``obsm["atlas_neighbors_similarity"]`` and ``uns["atlas_neighbors"]["dataset_id"]`` (str
-    [cells, k]) of the coarse neighbours.
+    [cells, k]) of the coarse neighbours. ``fixed_domains`` (with ``model`` holding them): query
+    statistics computed beforehand over a larger query this one is a block of.
     """
+    params = MapParams.parse(params, **options)
     atlas = _as_atlas(atlas)
     if atlas.layout is None:
         raise MappingError(f"atlas {atlas.version} has no index shards; rebuild it with index levels")
     root_shard = atlas.shard(atlas.layout.root.shards[0])
     model = model if model is not None else atlas.model(device)
 
-    def embed(aligned: Mapping[str, sp.csr_matrix], decode: Mapping[str, str]):
+    def embed(aligned: Mapping[str, sp.csr_matrix], decode: Mapping[str, str], domains: QueryDomains | None):
         return embed_prepared(aligned, model, max_features=max_features_of(atlas.manifest),
-                              batch_size=batch_size, device=device, decode=decode)
+                              batch_size=batch_size, device=device, decode=decode,
+                              domains=None if domains is None else domains.codes,
+                              layers="input" if domains is None else domains.layers,
+                              domains_set=fixed_domains is not None)
 
-    return run_mapping(
-        adata, atlas, root_levels=list(root_shard.labels), root_profiles=list(root_shard.profiles),
-        embed=embed, searcher=searcher if searcher is not None else LocalSearcher(atlas),
-        levels=levels, predict=predict, k_coarse=k_coarse, k_fine=k_fine, thresholds=thresholds,
-        return_neighbors=return_neighbors, predict_method=predict_method, min_fraction=min_fraction,
-    )
+    return run_mapping(adata, atlas, params, root_levels=list(root_shard.labels),
+                       root_profiles=list(root_shard.profiles), embed=embed,
+                       searcher=searcher if searcher is not None else LocalSearcher(atlas),
+                       fixed_domains=fixed_domains)
 
 
 def run_mapping(
     adata: Any,
     atlas: Any,
+    params: MapParams,
     *,
     root_levels: Sequence[str],
     root_profiles: Sequence[str],
     embed: Any,
     searcher: Searcher,
-    levels: Sequence[str] | None = None,
-    predict: Sequence[str] | None = None,
-    k_coarse: int = 25,
-    k_fine: int = 5,
-    thresholds: str | float | Mapping[str, float] | None = "calibrated",
-    return_neighbors: bool = False,
-    predict_method: str = "knn",
-    min_fraction: float = 0.5,
     obs_names: Any = None,
+    fixed_domains: FixedDomains | None = None,
 ) -> ad.AnnData:
     """:func:`map_query` with the model and the shards behind callables — the Serve ingress runs
-    this with the encoder deployment as ``embed(aligned, decode) -> (embedding, decoded)`` and a
-    searcher over shard deployments; ``root_levels`` / ``root_profiles`` describe the root shard
-    (label levels it carries, modalities it stores profiles of) so the caller need not load it."""
+    this with the encoder deployment as ``embed(aligned, decode, domains) -> (embedding, decoded)``
+    and a searcher over shard deployments; ``root_levels`` / ``root_profiles`` describe the root
+    shard (label levels it carries, modalities it stores profiles of) so the caller need not load it."""
     layout = atlas.layout
     if layout is None:
         raise MappingError(f"atlas {atlas.version} has no index shards; rebuild it with index levels")
-    if k_coarse < 1 or k_fine < 1:
-        raise MappingError("k_coarse and k_fine must be ≥ 1")
-    if predict_method not in PREDICT_METHODS:
-        raise MappingError(f"predict_method must be one of {list(PREDICT_METHODS)}, got {predict_method!r}")
     available = available_levels(layout, list(root_levels))
-    levels = list(available if levels is None else levels)
+    levels = list(available if params.levels is None else params.levels)
     missing_levels = [lv for lv in levels if lv not in available]
     if missing_levels:
         raise MappingError(f"atlas {atlas.version} has no label level(s) {missing_levels}; it has {available}")
-    thresholds = resolve_thresholds(thresholds, atlas.manifest, available)
+    thresholds = resolve_thresholds(params.thresholds, atlas.manifest, available)
+    batches = batch_labels(adata, params.batch_key, params.batch)
 
-    aligned, has_data, reports = prepare_query(adata, atlas, min_fraction=min_fraction)
-    knn_targets, decode = plan_predictions(atlas.manifest, list(root_profiles), list(reports), predict, predict_method)
-    emb, decoded = embed(aligned, decode)
-    labels, coarse = assign_labels(emb, has_data, searcher, layout, levels, k_coarse=k_coarse,
-                                   k_fine=k_fine, thresholds=thresholds)
+    aligned, has_data, reports = prepare_query(adata, atlas, min_fraction=params.min_fraction)
+    knn_targets, decode = plan_predictions(atlas.manifest, list(root_profiles), list(reports), params.predict,
+                                           params.predict_method)
+    if fixed_domains is not None:
+        codes = fixed_domains.codes(batches, has_data) if batches is not None else None
+        domains = None if codes is None else QueryDomains(codes, params.domain_statistics)
+        domain_report = fixed_domains.report
+    else:
+        domains, domain_report = query_domains(batches, has_data, statistics=params.domain_statistics,
+                                               min_cells=params.min_domain_cells, batch_key=params.batch_key,
+                                               batch=params.batch)
+    emb, decoded = embed(aligned, decode, domains)
+    labels, coarse = assign_labels(emb, has_data, searcher, layout, levels, k_coarse=params.k_coarse,
+                                   k_fine=params.k_fine, thresholds=thresholds)
     profiles = predict_profiles(coarse, searcher, knn_targets)
     decoded_frames = {m: pd.DataFrame(v, columns=atlas.vocabulary[m]) for m, v in decoded.items()}
     empty = np.flatnonzero(~has_data)
     for frame in (*profiles.values(), *decoded_frames.values()):
         frame.iloc[empty] = np.nan  # predicted from nothing: not measured, not a prediction
-    uns = {"atlas": mapping_uns(atlas.manifest, reports, levels, k_coarse, k_fine, thresholds,
-                                predict_method, int((~has_data).sum()))}
+    uns = {"atlas": {**mapping_uns(atlas.manifest, reports, levels, params, thresholds, int((~has_data).sum())),
+                     "query_domains": domain_report}}
     return assemble(adata.obs_names if obs_names is None else obs_names, emb, labels, profiles, decoded_frames,
-                    coarse if return_neighbors else None, uns)
+                    coarse if params.return_neighbors else None, uns)
 
 
 def plan_predictions(manifest: Mapping[str, Any], profile_modalities: Sequence[str], have: Sequence[str],
@@ -423,15 +402,15 @@ def plan_predictions(manifest: Mapping[str, Any], profile_modalities: Sequence[s
     return knn, decode
 
 
-def mapping_uns(manifest: Mapping[str, Any], reports: Mapping[str, Any], levels: Sequence[str], k_coarse: int,
-                k_fine: int, thresholds: Any, predict_method: str, n_no_data: int) -> dict[str, Any]:
+def mapping_uns(manifest: Mapping[str, Any], reports: Mapping[str, Any], levels: Sequence[str],
+                params: MapParams, thresholds: Any, n_no_data: int) -> dict[str, Any]:
     return {
         "version": manifest["atlas_version"],
         "alignment": dict(reports),
         "levels": list(levels),
-        "k_coarse": int(k_coarse),
-        "k_fine": int(k_fine),
+        "k_coarse": int(params.k_coarse),
+        "k_fine": int(params.k_fine),
         "thresholds": dict(thresholds) if isinstance(thresholds, Mapping) else thresholds,
-        "predict_method": predict_method,
+        "predict_method": params.predict_method,
         "n_no_data": int(n_no_data),
     }

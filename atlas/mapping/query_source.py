@@ -69,6 +69,8 @@ class QuerySource:
     """SOMA experiment URI (an atlas store's pinned current version)."""
     index_element: str | None = None
     """AnnData element holding the cell ids (``obs/_index``)."""
+    batch_key: str | None = None
+    """obs column read into each block as ``batch`` (see :func:`with_batch_key`)."""
 
     @property
     def features(self) -> dict[str, list[str]]:
@@ -288,8 +290,59 @@ def plan_query_blocks(source: QuerySource, block_cells: int) -> list[QueryBlock]
 # ---------------------------------------------------------------------------------------------
 
 
+def with_batch_key(source: QuerySource, batch_key: str) -> QuerySource:
+    """``source`` reading ``obs[batch_key]`` too (each block's ``batch`` column); refused if absent."""
+    import dataclasses
+
+    if source.format == "soma":
+        from atlas.data.reader import open_experiment
+
+        names = list(open_experiment(source.uri).obs.schema.names)
+    else:
+        root, close = _open_root(source.path, source.format)
+        try:
+            names = [k for k in root["obs"].keys()]
+        finally:
+            close()
+    if batch_key not in names:
+        raise MappingError(f"batch_key {batch_key!r} is not a column of the query's obs; it has {names[:20]}")
+    return dataclasses.replace(source, batch_key=batch_key)
+
+
+def read_batches(source: QuerySource, block: QueryBlock) -> np.ndarray:
+    """``obs[source.batch_key]`` of the block's cells, as strings (missing values refused)."""
+    key = source.batch_key
+    if source.format == "soma":
+        from atlas.data.reader import open_experiment
+
+        ids = np.asarray(block.joinids, dtype=np.int64)
+        obs = open_experiment(source.uri).obs.read(coords=(ids,), column_names=["soma_joinid", key]).concat()
+        values = obs.to_pandas().set_index("soma_joinid")[key].reindex(ids)
+    else:
+        root, close = _open_root(source.path, source.format)
+        try:
+            elem = root["obs"][key]
+            if _is_group(elem) and _encoding(elem) == "categorical":
+                codes = np.asarray(elem["codes"][block.start : block.stop])
+                categories = _strings(elem["categories"])
+                values = pd.Series(np.where(codes >= 0, categories[np.maximum(codes, 0)], None))
+            elif _is_group(elem):
+                raise MappingError(f"query obs[{key!r}] has encoding {_encoding(elem)!r}; use a string or "
+                                   "categorical column as batch_key")
+            else:
+                raw = np.asarray(elem[block.start : block.stop])
+                values = pd.Series(_strings(elem, block.start, block.stop) if raw.dtype.kind in "OSUT" else raw)
+        finally:
+            close()
+    if values.isna().any():
+        raise MappingError(f"obs[{key!r}] has missing values; give every cell a batch (or map without batch_key)")
+    return values.astype(str).to_numpy(dtype=object)
+
+
 def block_schema(source: QuerySource) -> pa.Schema:
     fields = [pa.field("row", pa.int64()), pa.field("cell_id", pa.string())]
+    if source.batch_key is not None:
+        fields.append(pa.field("batch", pa.string()))
     for m in source.matrices:
         fields += [pa.field(f"{m}_indices", pa.list_(pa.int32())), pa.field(f"{m}_data", pa.list_(pa.float32()))]
     return pa.schema(fields)
@@ -336,6 +389,8 @@ def read_query_block(source: QuerySource, block: QueryBlock) -> pa.Table:
         "row": pa.array(np.arange(block.start, block.stop, dtype=np.int64)),
         "cell_id": pa.array(cell_ids.tolist(), type=pa.string()),
     }
+    if source.batch_key is not None:
+        columns["batch"] = pa.array(read_batches(source, block).tolist(), type=pa.string())
     for m, csr in matrices.items():
         csr = sp.csr_matrix(csr, dtype=np.float32)
         csr.sort_indices()
@@ -375,11 +430,14 @@ def block_csr(table: pa.Table, modality: str, n_features: int) -> sp.csr_matrix:
                          shape=(table.num_rows, n_features))
 
 
-def block_to_anndata(table: pa.Table, features: dict[str, list[str]]) -> Any:
-    """A block as the AnnData :func:`~atlas.mapping.map_query` reads (RNA in X, others in obsm)."""
+def block_to_anndata(table: pa.Table, features: dict[str, list[str]], batch_key: str | None = None) -> Any:
+    """A block as the AnnData :func:`~atlas.mapping.map_query` reads (RNA in X, others in obsm;
+    the ``batch`` column as ``obs[batch_key]``)."""
     import anndata as ad
 
     obs = pd.DataFrame(index=pd.Index(table.column("cell_id").to_pylist(), dtype=str))
+    if batch_key is not None:
+        obs[batch_key] = table.column("batch").to_pylist()
     if "RNA" in features:
         adata = ad.AnnData(X=block_csr(table, "RNA", len(features["RNA"])), obs=obs,
                            var=pd.DataFrame(index=pd.Index(features["RNA"], dtype=str)))

@@ -41,7 +41,7 @@ def weighted_vote(
     classes, codes = np.unique(labels, return_inverse=True)
     codes = codes.reshape(labels.shape)
     n_classes = classes.size
-    rows = np.repeat(np.arange(n), labels.shape[1])
+    rows: np.ndarray = np.repeat(np.arange(n), labels.shape[1])
     score = np.zeros((n, n_classes))
     np.add.at(score, (rows, codes.ravel()), np.where(valid, weights, 0.0).ravel())
     best_sim = np.full((n, n_classes), -np.inf)

@@ -77,7 +77,7 @@ class ConcertoTeacher(nn.Module):
         # domain's values by that domain's statistics, but at inference applied one running
         # average dominated by whichever domains came last — a train/inference mismatch that
         # cost 13 points of held-out accuracy on ADTnorm. Domain statistics keep the two equal.
-        self.value_norm = DomainBatchNorm1d(1, n_domains)
+        self.value_norm = DomainBatchNorm1d(1, n_domains, normalises_input=True)
         self.pool = MaskedAttentionPool(dim)
         self.norm = DomainBatchNorm1d(dim, n_domains)
         self.dropout = nn.Dropout(dropout)

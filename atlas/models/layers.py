@@ -77,12 +77,18 @@ class DomainBatchNorm1d(nn.Module):
     per-domain location/scale differences but learns one representation.
     """
 
-    def __init__(self, num_features: int, n_domains: int, eps: float = 1e-5, momentum: float = 0.1):
+    def __init__(self, num_features: int, n_domains: int, eps: float = 1e-5, momentum: float = 0.1,
+                 normalises_input: bool = False):
         super().__init__()
         self.num_features = num_features
+        self.normalises_input = normalises_input
+        """True for a layer over the measured values themselves (their scale per protocol), not
+        over learned features: the layers a query batch may adapt without losing its biology."""
         self.n_domains = max(int(n_domains), 1)
         self.eps = eps
         self.momentum = momentum
+        self.n_reference: int | None = None
+        """Domains of the reference (set when query domains are appended; None: all of them)."""
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(self.n_domains, num_features))
@@ -103,11 +109,15 @@ class DomainBatchNorm1d(nn.Module):
                                       unexpected_keys, error_msgs)
 
     def unseen_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and variance used for domains never seen in training (average of seen domains)."""
-        seen = self.domain_batches > 0
+        """Mean and variance used for domains never seen in training (average of seen domains).
+
+        Only the reference's domains count: query domains added for mapping
+        (:func:`atlas.models.recalibrate.add_query_domains`) never shift the average."""
+        r = self.n_reference if self.n_reference is not None else self.n_domains
+        mean, var, seen = self.running_mean[:r], self.running_var[:r], self.domain_batches[:r] > 0
         if not bool(seen.any()):
-            return self.running_mean.mean(0), self.running_var.mean(0)
-        return self.running_mean[seen].mean(0), self.running_var[seen].mean(0)
+            return mean.mean(0), var.mean(0)
+        return mean[seen].mean(0), var[seen].mean(0)
 
     def _eval_statistics(self, domain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         known = (domain >= 0) & (domain < self.n_domains)

@@ -48,27 +48,44 @@ class Encoder:
         log.info("encoder for atlas %s on %s", self.atlas.version, device)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def embed(self, items: list[tuple[Mapping[str, sp.csr_matrix], Mapping[str, str]]]
+    async def embed(self, items: list[tuple[Mapping[str, sp.csr_matrix], Mapping[str, str], Any]]
                     ) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
-        """Per item ``(aligned CSR per modality, {target: source} to decode)`` → ``(embedding, decoded)``."""
+        """Per item ``(aligned CSR per modality, {target: source} to decode, QueryDomains or None)``
+        → ``(embedding, decoded)``."""
         # Off the event loop: the replica keeps answering health checks while the model runs.
         return await asyncio.to_thread(self._embed_many, items)
 
-    def _embed_many(self, items: list[tuple[Mapping[str, sp.csr_matrix], Mapping[str, str]]]
+    def _embed_many(self, items: list[tuple[Mapping[str, sp.csr_matrix], Mapping[str, str], Any]]
                     ) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        # Requests that adapt different layers are embedded apart; the others together, each
+        # request's query domains kept its own (codes offset past the previous request's).
+        layers = {d.layers for _, _, d in items if d is not None}
+        if len(layers) > 1:
+            return [out for item in items for out in self._embed_together([item])]
+        return self._embed_together(items)
+
+    def _embed_together(self, items: list[tuple[Mapping[str, sp.csr_matrix], Mapping[str, str], Any]]
+                        ) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
         from atlas.mapping.query import embed_prepared
 
-        sizes = [next(iter(aligned.values())).shape[0] for aligned, _ in items]
+        sizes = [next(iter(aligned.values())).shape[0] for aligned, _, _ in items]
         modalities = list(items[0][0])
-        stacked = {m: sp.vstack([aligned[m] for aligned, _ in items], format="csr") for m in modalities}
+        stacked = {m: sp.vstack([aligned[m] for aligned, _, _ in items], format="csr") for m in modalities}
         decode: dict[str, str] = {}
-        for _, wanted in items:
+        for _, wanted, _ in items:
             decode.update(wanted)
+        codes, offset, layers = [], 0, "input"
+        for size, (_, _, domains) in zip(sizes, items):
+            d = np.full(size, -1) if domains is None else np.asarray(domains.codes)
+            layers = layers if domains is None else domains.layers
+            codes.append(np.where(d >= 0, d + offset, -1))
+            offset += int(d.max()) + 1 if size and d.max() >= 0 else 0
         emb, decoded = embed_prepared(stacked, self.model, max_features=self.max_features,
-                                      batch_size=self.batch_cells, device=self.device, decode=decode)
+                                      batch_size=self.batch_cells, device=self.device, decode=decode,
+                                      domains=np.concatenate(codes) if offset else None, layers=layers)
         out = []
         bounds = np.cumsum([0] + sizes)
-        for (_, wanted), start, stop in zip(items, bounds[:-1], bounds[1:]):
+        for (_, wanted, _), start, stop in zip(items, bounds[:-1], bounds[1:]):
             out.append((emb[start:stop], {m: decoded[m][start:stop] for m in wanted}))
         return out
 

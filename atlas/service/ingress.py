@@ -23,12 +23,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, Optional
 
 import pandas as pd
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from atlas import __version__
+from atlas.mapping.params import help_texts
 from atlas.wire import ARROW, CONTENT_TYPES, JSON, NPZ, MapParams
 
 log = logging.getLogger("ray.serve")
@@ -53,6 +54,9 @@ _BODY_DOC = {
     },
     "responses": {"200": {"description": "The mapping result in the request's format (or per Accept)",
                           "content": {ARROW: {}, NPZ: {}, JSON: {}}}},
+    "parameters": [{"name": name, "in": "query", "required": False, "schema": {"type": "string"},
+                    "description": f"{text} (default: {MapParams.model_fields[name].default!r})"}
+                   for name, text in help_texts().items()],
 }
 
 
@@ -208,10 +212,11 @@ def make_ingress():
             except ServiceUnavailable as e:
                 raise Problem(503, str(e), {"Retry-After": str(e.retry_after_s)}) from None
 
-        def _embed(self, aligned, decode):
+        def _embed(self, aligned, decode, domains):
             from atlas.service.remote import call
 
-            return call("the encoder", lambda: self.encoder.embed.remote((aligned, dict(decode))), self.policy)
+            return call("the encoder", lambda: self.encoder.embed.remote((aligned, dict(decode), domains)),
+                        self.policy)
 
         def _map_sync(self, body: bytes, content_type: str, query: Dict[str, Any], out_type: str) -> bytes:
             from atlas.wire import decode_request, encode_result, merge_params, result_from_anndata
@@ -261,21 +266,9 @@ def make_ingress():
 
         @app.post("/v1/map", summary="Map query cells onto the atlas", openapi_extra=_BODY_DOC,
                   response_class=Response)
-        async def map_cells(
-            self,
-            request: Request,
-            levels: Optional[str] = Query(None, description="Label levels, comma-separated (default: all)"),
-            predict: Optional[str] = Query(None, description="Modalities to predict, comma-separated; 'none' for none "
-                                                             "(default: every one the query lacks)"),
-            predict_method: Optional[str] = Query(None, description="knn (default), decoder or both"),
-            k_coarse: Optional[str] = Query(None, description="Neighbours in the coarse index (default 25)"),
-            k_fine: Optional[str] = Query(None, description="Neighbours in a fine shard (default 5)"),
-            thresholds: Optional[str] = Query(None, description="calibrated (default), none, a number, or a JSON "
-                                                                "object per level"),
-            return_neighbors: Optional[str] = Query(None, description="true: also return the coarse neighbours"),
-            min_fraction: Optional[str] = Query(None, description="Least fraction of the atlas's features the query "
-                                                                  "must have (default 0.5)"),
-        ) -> Response:
+        async def map_cells(self, request: Request) -> Response:
+            # The mapping parameters (atlas.mapping.params.MapParams) are read from the query
+            # string by the one text parser every CLI uses, and documented from the same model.
             from atlas.wire import choose_response_type, media_type, params_from_query
 
             self._authorize(request)

@@ -19,6 +19,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from atlas.mapping.align import MappingError
+from atlas.mapping.domains import QueryDomains
 from atlas.mapping.query import (
     available_levels,
     decodable,
@@ -30,8 +31,10 @@ from atlas.mapping.query import (
 from atlas.mapping.search import Searcher
 from atlas.wire import MapParams
 
-#: ``embed(aligned, decode) -> (embedding float32 [cells, d], {target: decoded float32 [cells, f]})``
-Embed = Callable[[Mapping[str, sp.csr_matrix], Mapping[str, str]], tuple[np.ndarray, dict[str, np.ndarray]]]
+#: ``embed(aligned, decode, domains) -> (embedding float32 [cells, d], {target: decoded float32 [cells, f]})``
+#: (``domains``: :class:`~atlas.mapping.domains.QueryDomains` or None)
+Embed = Callable[[Mapping[str, sp.csr_matrix], Mapping[str, str], "QueryDomains | None"],
+                 tuple[np.ndarray, dict[str, np.ndarray]]]
 
 
 @dataclass(frozen=True)
@@ -70,9 +73,10 @@ def root_info(descriptions: Sequence[Mapping[str, Any]]) -> RootShardInfo:
 def local_embed(model: Any, manifest: Mapping[str, Any], *, batch_size: int = 1024, device: str = "cpu") -> Embed:
     """An :data:`Embed` over a model in this process (the encoder deployment runs the same call)."""
 
-    def embed(aligned: Mapping[str, sp.csr_matrix], decode: Mapping[str, str]):
+    def embed(aligned: Mapping[str, sp.csr_matrix], decode: Mapping[str, str], domains: QueryDomains | None):
         return embed_prepared(aligned, model, max_features=max_features_of(manifest), batch_size=batch_size,
-                              device=device, decode=dict(decode))
+                              device=device, decode=dict(decode), domains=None if domains is None else domains.codes,
+                              layers="input" if domains is None else domains.layers)
 
     return embed
 
@@ -97,11 +101,13 @@ class MappingPipeline:
         return out
 
     def map(self, adata: Any, obs_names: Any, params: MapParams, embed: Embed, searcher: Searcher) -> Any:
-        """The contract's AnnData for ``adata`` (see :func:`atlas.mapping.map_query`)."""
-        return run_mapping(
-            adata, self.atlas, root_levels=self.root.levels, root_profiles=list(self.root.profiles),
-            embed=embed, searcher=searcher, levels=params.levels, predict=params.predict,
-            k_coarse=params.k_coarse, k_fine=params.k_fine, thresholds=params.thresholds,
-            return_neighbors=params.return_neighbors, predict_method=params.predict_method,
-            min_fraction=params.min_fraction, obs_names=obs_names,
-        )
+        """The contract's AnnData for ``adata`` (see :func:`atlas.mapping.map_query`).
+
+        A request carries no obs columns: ``batch_key`` is the client's (it sends each batch in
+        requests of its own, with ``batch`` naming it)."""
+        if params.batch_key is not None:
+            raise MappingError("batch_key names a column of the client's obs; send each batch's cells in requests "
+                               "of their own with batch=NAME (AtlasClient.map(batch_key=...) does)")
+        return run_mapping(adata, self.atlas, params, root_levels=self.root.levels,
+                           root_profiles=list(self.root.profiles), embed=embed, searcher=searcher,
+                           obs_names=obs_names)

@@ -17,9 +17,8 @@ import json
 import os
 import shutil
 import time
-import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +26,24 @@ import numpy as np
 import pandas as pd
 
 from atlas.store import versions
-from atlas.store.sources import MODALITIES, Modality, Source, open_source
+from atlas.store.ingest_plan import (  # noqa: F401 (OBS_FIXED, DATASETS_KEY: re-exported)
+    DATASETS_KEY,
+    OBS_FIXED,
+    Part,
+    StoreState,
+    batch_values,
+    cells_to_keep,
+    check_modality,
+    collect_parts,
+    decide_species,
+    default_dataset_id,
+    obs_table,
+    quiet,
+    read_store_state,
+)
+from atlas.store.sources import Source, open_source
 from atlas.store.validate import (
     DEFAULT_CHUNK_ROWS,
-    MatrixScan,
-    as_strings,
     check_columns,
     check_counts,
     check_dataset_id,
@@ -41,13 +53,9 @@ from atlas.store.validate import (
     scan_matrix,
 )
 from atlas.store.versions import StoreError
-from atlas.store.vocabulary import check_compatible, detect_namespace, infer_species, normalise_species
+from atlas.store.vocabulary import check_compatible
 
 X_LAYER = "counts"
-OBS_FIXED = ("obs_id", "cell_id", "dataset_id", "batch")
-"""obs columns every cell has; label levels follow them."""
-DATASETS_KEY = "atlas_datasets"
-"""Experiment metadata key: JSON list of the datasets ingested, one dict each."""
 LOCK = versions.LOCK
 OBS_WRITE_ROWS = 100_000
 """Cells per obs write (bounds tiledbsoma's write buffers; each write is one obs fragment)."""
@@ -75,53 +83,6 @@ class IngestSummary:
     species: str
     notes: tuple[str, ...] = ()
     """What was inferred or cleaned up, in words (the CLI prints these)."""
-
-
-@dataclass
-class _Part:
-    """One modality of the dataset being ingested."""
-
-    measurement: str
-    modality: Modality
-    namespace: str
-    scan: MatrixScan | None = None
-    row_pos: np.ndarray | None = None
-    """Position of each matrix row in the dataset's (primary) cell order."""
-
-
-@dataclass
-class _StoreState:
-    """What the current version says, for the checks (empty for a new store)."""
-
-    exists: bool = False
-    datasets: list[dict] = field(default_factory=list)
-    obs_columns: list[str] = field(default_factory=list)
-    measurements: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """measurement → {"species", "id_namespace", "features"}."""
-
-    @property
-    def label_levels(self) -> list[str]:
-        return [c for c in self.obs_columns if c not in OBS_FIXED and c != "soma_joinid"]
-
-
-def read_store_state(store: Path) -> _StoreState:
-    """Datasets, obs columns and measurement metadata of a store's current version."""
-    if not versions.is_store(store):
-        return _StoreState()
-    import tiledbsoma as soma
-
-    uri = versions.current_version(store).uri
-    with soma.Experiment.open(uri) as exp:
-        datasets = json.loads(exp.metadata.get(DATASETS_KEY, "[]"))
-        measurements = {}
-        for name in exp.ms.keys():
-            ms = exp.ms[name]
-            measurements[name] = {
-                "species": ms.metadata.get("species"),
-                "id_namespace": ms.metadata.get("id_namespace"),
-                "features": int(ms.var.count),
-            }
-        return _StoreState(True, datasets, list(exp.obs.schema.names), measurements)
 
 
 def ingest(
@@ -177,9 +138,9 @@ def ingest(
         if log is not None:
             log(message)
 
-    modality = _check_modality(modality, "--modality")
-    paired = {_check_modality(k, "--paired"): v for k, v in (paired or {}).items()}
-    obsm_modalities = {_check_modality(k, "--obsm-modality"): v for k, v in (obsm_modalities or {}).items()}
+    modality = check_modality(modality, "--modality")
+    paired = {check_modality(k, "--paired"): v for k, v in (paired or {}).items()}
+    obsm_modalities = {check_modality(k, "--obsm-modality"): v for k, v in (obsm_modalities or {}).items()}
     label_keys = dict(label_keys or {})
     if tenx_feature_ids not in ("id", "name"):
         raise StoreError(f"tenx_feature_ids must be 'id' or 'name', not {tenx_feature_ids!r}")
@@ -193,11 +154,11 @@ def ingest(
 
     opened: list[Source] = []
     try:
-        with _quiet():
+        with quiet():
             src = open_source(source, tenx_feature_ids=tenx_feature_ids, modality=modality)
         opened.append(src)
-        parts = _collect_parts(src, modality, paired, obsm_modalities, tenx_feature_ids, opened)
-        dataset_id = dataset_id if dataset_id is not None else _default_dataset_id(source)
+        parts = collect_parts(src, modality, paired, obsm_modalities, tenx_feature_ids, opened)
+        dataset_id = dataset_id if dataset_id is not None else default_dataset_id(source)
 
         # Source-only checks: ids, columns, pairing.
         check_unique(src.obs.index, "cell", f"{src.path}",
@@ -211,12 +172,12 @@ def ingest(
                 check_same_cells(src.obs.index, part.modality.cell_ids, part.modality.name, part.modality.origin)
             part.row_pos = src.obs.index.get_indexer(part.modality.cell_ids)
         check_columns(src.obs, src.path, batch_key=batch_key, label_keys=label_keys)
-        batch = _batch_values(src, batch_key, dataset_id)
+        batch = batch_values(src, batch_key, dataset_id)
 
         # Checks against the store's current version.
         state = read_store_state(store)
         check_dataset_id(dataset_id, [d["dataset_id"] for d in state.datasets])
-        dataset_species = _decide_species(parts, species, state, say)
+        dataset_species = decide_species(parts, species, state, say)
         for part in parts:
             check_compatible(part.measurement, state.measurements.get(part.measurement, {}),
                              dataset_species, part.namespace)
@@ -229,9 +190,9 @@ def ingest(
                 part.scan = scan_matrix(m.matrix, chunk_size=chunk_size,
                                         on_block=lambda n, t=task: bar.advance(t, n))
                 check_counts(part.scan, m.origin, allow_normalized=allow_normalized)
-        keep = _cells_to_keep(src, parts, drop_empty_cells, say)
+        keep = cells_to_keep(src, parts, drop_empty_cells, say)
 
-        obs = _obs_table(src, keep, dataset_id, batch, label_keys, state, tuple(unlabeled))
+        obs = obs_table(src, keep, dataset_id, batch, label_keys, state, tuple(unlabeled))
         new_levels = [lv for lv in label_keys if lv not in state.label_levels]
         if state.exists and new_levels:
             say(f"new label level(s) {new_levels}: the store's earlier cells get '' (no label) for them")
@@ -245,134 +206,12 @@ def ingest(
             s.close()
 
 
-def _check_modality(name: str, option: str) -> str:
-    key = str(name).lower()
-    if key not in MODALITIES:
-        raise StoreError(f"{option}: unknown modality '{name}'; use one of {', '.join(MODALITIES)}")
-    return key
-
-
-def _default_dataset_id(source: Any) -> str:
-    if not isinstance(source, (str, os.PathLike)):
-        raise StoreError("an in-memory AnnData has no file name to name the dataset; pass dataset_id=")
-    name = Path(source).name
-    for suffix in (".h5ad", ".zarr", ".h5"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def _collect_parts(src: Source, modality: str, paired: dict, obsm_modalities: dict,
-                   tenx_feature_ids: str, opened: list[Source]) -> list[_Part]:
-    modalities = [src.modality(modality)]
-    for name, key in obsm_modalities.items():
-        modalities.append(src.obsm_modality(name, key))
-    for name, path in paired.items():
-        with _quiet():
-            other = open_source(path, tenx_feature_ids=tenx_feature_ids, modality=name)
-        opened.append(other)
-        modalities.append(other.modality(name))
-    names = [m.name for m in modalities]
-    for name in set(names):
-        if names.count(name) > 1:
-            raise StoreError(f"modality {name} is given {names.count(name)} times (--modality, --paired, "
-                             "--obsm-modality); give each modality once")
-    return [_Part(MODALITIES[m.name], m, detect_namespace(m.name, m.feature_ids)) for m in modalities]
-
-
-def _batch_values(src: Source, batch_key: str | None, dataset_id: str) -> np.ndarray:
-    if batch_key is None:
-        return np.full(len(src.obs), dataset_id, dtype=object)
-    values = as_strings(src.obs[batch_key])
-    missing = int((values == "").sum())
-    if missing:
-        raise StoreError(f"--batch-key {batch_key}: {missing} cells have no batch value; fill them in "
-                         "or choose another column")
-    return values
-
-
-def _decide_species(parts: list[_Part], given: str | None, state: _StoreState,
-                    say: Callable[[str], None]) -> str:
-    if given is not None:
-        species = normalise_species(given)
-        if species is None:
-            raise StoreError(f"--species {given}: unknown species; use human or mouse")
-        say(f"species: {species} (given)")
-        return species
-    calls = {p.measurement: infer_species(p.modality.feature_ids, p.namespace) for p in parts}
-    hints = {p.modality.species_hint for p in parts} - {None}
-    found = {c.species for c in calls.values() if c.species} | hints
-    if len(found) > 1:
-        reasons = "; ".join(f"{ms}: {c.reason}" for ms, c in calls.items())
-        raise StoreError(f"the modalities disagree on the species ({reasons}); pass --species human|mouse")
-    if found:
-        species = found.pop()
-        reasons = "; ".join(f"{ms}: {c.reason}" for ms, c in calls.items() if c.species)
-        say(f"species: {species} (inferred; {reasons or 'named by the source'}); pass --species to override")
-        return species
-    stored = {state.measurements.get(p.measurement, {}).get("species") for p in parts} - {None}
-    if len(stored) == 1:
-        species = stored.pop()
-        say(f"species: {species} (as the store's {', '.join(p.measurement for p in parts)} measurement; "
-            f"{'; '.join(c.reason for c in calls.values())}); pass --species to override")
-        return species
-    reasons = "; ".join(c.reason for c in calls.values())
-    raise StoreError(f"cannot tell the species ({reasons}); pass --species human or --species mouse")
-
-
-def _cells_to_keep(src: Source, parts: list[_Part], drop_empty: bool, say: Callable[[str], None]) -> np.ndarray:
-    """Cells with at least one non-zero count in some modality (in the source's cell order)."""
-    nonzero = np.zeros(len(src.obs), dtype=np.int64)
-    for part in parts:
-        np.add.at(nonzero, part.row_pos, part.scan.row_nonzero)
-    empty = nonzero == 0
-    n_empty = int(empty.sum())
-    if n_empty == len(src.obs):
-        raise StoreError(f"{src.path}: all {n_empty} cells have zero counts; check that X holds the counts")
-    if n_empty and not drop_empty:
-        examples = ", ".join(map(repr, src.obs.index[empty][:3]))
-        raise StoreError(f"{src.path}: {n_empty} cells have zero counts in every modality (e.g. {examples}); "
-                         "filter them out, or drop --refuse-empty-cells to have them dropped")
-    if n_empty:
-        say(f"dropped {n_empty} cells with zero counts in every modality")
-    if len(parts) > 1:
-        for part in parts:
-            absent = int(((part.scan.row_nonzero == 0) & ~empty[part.row_pos]).sum())
-            if absent:
-                say(f"{absent} cells have no {part.measurement} counts: stored without {part.measurement}")
-    return ~empty
-
-
-def _obs_table(src: Source, keep: np.ndarray, dataset_id: str, batch: np.ndarray,
-               label_keys: dict[str, str], state: _StoreState, unlabeled: tuple[str, ...] = ()) -> pd.DataFrame:
-    cell_ids = src.obs.index[keep].astype(str).to_numpy(dtype=object)
-    obs_ids = np.array([f"{dataset_id}:{c}" for c in cell_ids], dtype=object)
-    columns: dict[str, np.ndarray] = {
-        "obs_id": obs_ids,
-        "cell_id": cell_ids,
-        "dataset_id": np.full(len(cell_ids), dataset_id, dtype=object),
-        "batch": batch[keep],
-    }
-    levels = state.label_levels + [lv for lv in label_keys if lv not in state.label_levels]
-    for level in levels:
-        if level in label_keys:
-            values = as_strings(src.obs[label_keys[level]])[keep]
-            if unlabeled:
-                values = np.where(np.isin(values, list(unlabeled)), "", values).astype(object)
-            columns[level] = values
-        else:
-            columns[level] = np.full(len(cell_ids), "", dtype=object)  # this dataset has no such label
-    obs = pd.DataFrame(columns, index=pd.Index(obs_ids))
-    obs.index.name = None
-    return obs
-
-
 # ---------------------------------------------------------------------------------------------
 # Writing
 
 
-def _write(store: Path, parts: list[_Part], obs: pd.DataFrame, keep: np.ndarray, dataset_id: str,
-           species: str, new_levels: list[str], state: _StoreState, *, source_name: str,
+def _write(store: Path, parts: list[Part], obs: pd.DataFrame, keep: np.ndarray, dataset_id: str,
+           species: str, new_levels: list[str], state: StoreState, *, source_name: str,
            batch_key: str | None, label_keys: dict[str, str], allow_normalized: bool, chunk_size: int,
            progress: bool, say: Callable[[str], None], notes: list[str]) -> IngestSummary:
     created = not store.exists()
@@ -430,7 +269,7 @@ def _write(store: Path, parts: list[_Part], obs: pd.DataFrame, keep: np.ndarray,
     )
 
 
-def _write_measurement(uri: str, part: _Part, obs: pd.DataFrame, keep: np.ndarray, *,
+def _write_measurement(uri: str, part: Part, obs: pd.DataFrame, keep: np.ndarray, *,
                        existing: dict | None, paired: bool, species: str, chunk_size: int,
                        bar: Any) -> dict[str, int]:
     """Register and write one modality of the dataset into the staging Experiment."""
@@ -443,7 +282,7 @@ def _write_measurement(uri: str, part: _Part, obs: pd.DataFrame, keep: np.ndarra
     ids = part.modality.feature_ids.astype(str)
     var = pd.DataFrame({"var_id": ids.to_numpy(dtype=object)}, index=pd.Index(ids))
     var.index.name = None
-    with _quiet():
+    with quiet():
         skeleton = ad.AnnData(obs=obs.copy(), var=var)  # ids only: X is written block by block below
         ids_kwargs = dict(obs_id_name="obs_id", var_id_name="var_id", X_layer_name=X_LAYER)
         if existing is None:
@@ -507,7 +346,7 @@ def _add_label_levels(uri: str, levels: list[str]) -> None:
     df = df.drop(columns=["soma_joinid"]).reset_index(drop=True)
     for level in levels:
         df[level] = ""
-    with _quiet(), soma.Experiment.open(uri, "w") as exp:
+    with quiet(), soma.Experiment.open(uri, "w") as exp:
         sio.update_obs(exp, df, default_index_name="obs_id")
 
 
@@ -516,14 +355,6 @@ def _write_dataset_record(uri: str, datasets: list[dict]) -> None:
 
     with soma.Experiment.open(uri, "w") as exp:
         exp.metadata[DATASETS_KEY] = json.dumps(datasets)
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence library warnings that say nothing to an atlas user (anndata/tiledbsoma internals)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 class _NoProgress:

@@ -43,13 +43,13 @@ both places must have the same value.
 # The codecs live in submodules, one concern each: common (content types, errors), params
 # (MapParams), request (query counts), result (the mapped AnnData). This module is their one
 # public face: ``from atlas import wire; wire.decode_request(...)``.
+from atlas.mapping.params import PREDICT_METHODS  # noqa: F401,E402
 from atlas.names import MODALITIES  # noqa: F401,E402
 from atlas.wire.common import (  # noqa: F401
     ARROW,
     CONTENT_TYPES,
     JSON,
     NPZ,
-    PREDICT_METHODS,
     REQUEST_FORMAT,
     RESPONSE_FORMAT,
     TooManyCells,
@@ -68,4 +68,5 @@ from atlas.wire.result import (  # noqa: F401
     encode_result,
     result_from_anndata,
     result_to_anndata,
+    take_cells,
 )

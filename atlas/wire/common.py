@@ -20,7 +20,6 @@ REQUEST_FORMAT = "atlas.map-request/1"
 RESPONSE_FORMAT = "atlas.map-response/1"
 _REQUEST_KEY = b"atlas.request"
 _RESPONSE_KEY = b"atlas.response"
-PREDICT_METHODS = ("knn", "decoder", "both")
 _NUMERIC_KINDS = "iuf"
 
 

@@ -173,7 +173,15 @@ def _without_counts(uns: Mapping[str, Any]) -> dict[str, Any]:
     out = json.loads(json.dumps(uns))
     if isinstance(out.get("atlas"), dict):
         out["atlas"].pop("n_no_data", None)
+        out["atlas"].pop("query_domains", None)  # per request; the client reports the query's
     return out
+
+
+def take_cells(result: MapResult, order: np.ndarray) -> MapResult:
+    """The result's cells in ``order`` (positions into its cells)."""
+    order = np.asarray(order)
+    entries = {place: (values[order], columns) for place, (values, columns) in result.entries.items()}
+    return MapResult([result.cells[i] for i in order], entries, result.uns)
 
 
 def _entry_meta(place: tuple[str, ...], values: np.ndarray, columns: list[str] | None) -> dict[str, Any]:

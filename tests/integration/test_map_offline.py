@@ -82,18 +82,27 @@ def test_zarr_and_store_queries_match_by_feature_id(tiny_atlas, expected, ray_lo
 
     atlas, query, _ = tiny_atlas
     shuffled = query[:, np.random.default_rng(1).permutation(query.n_vars)].copy()
+    # Two interleaved batches (a categorical column): each batch's statistics span every block.
+    shuffled.obs["sample"] = pd.Categorical(np.where(np.arange(query.n_obs) % 2 == 0, "a", "b"))
     zarr_path = tmp_path / "query.zarr"
     shuffled.write_zarr(zarr_path)
     out = tmp_path / "mapped"
-    map_offline(zarr_path, atlas.path, out, block_cells=128, actors=1, progress=False, log=lambda _: None)
-    _assert_same_mapping(read_mapping(out), expected)
+    options = dict(batch_key="sample", min_domain_cells=50)
+    map_offline(zarr_path, atlas.path, out, block_cells=64, actors=1, progress=False, log=lambda _: None, **options)
+    got = read_mapping(out)
+    want = map_query(shuffled, atlas, **options)
+    _assert_same_mapping(got, want)
+    assert json.loads((out / SUMMARY).read_text())["atlas"]["query_domains"] == want.uns["atlas"]["query_domains"]
 
     store = tmp_path / "query_store"
     ingest(store, shuffled, dataset_id="q", species="human", progress=False)
+    # The whole query named one batch: its statistics span the store's 3 blocks.
     map_offline(store, atlas.path, out, block_cells=96, actors=1, overwrite=True, progress=False,
-                log=lambda _: None)
+                log=lambda _: None, batch="q", min_domain_cells=50)
     got = read_mapping(out)
-    _assert_same_mapping(got, expected, cell_ids=[f"q:{c}" for c in expected.obs_names])
+    want = map_query(shuffled, atlas, batch="q", min_domain_cells=50)
+    _assert_same_mapping(got, want, cell_ids=[f"q:{c}" for c in want.obs_names])
+    assert not np.allclose(want.obsm["X_atlas"], expected.obsm["X_atlas"], atol=1e-4)  # the statistics count
     assert not list(tmp_path.glob(".mapped.staging-*"))
 
 

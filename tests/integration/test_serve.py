@@ -80,10 +80,12 @@ def service(tiny_atlas, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def offline(service):
-    """The offline result of the whole query (the reference every served answer must equal)."""
+    """The offline result of the whole query (the reference every served answer must equal). With
+    the reference's statistics every cell's result is its own, so any slice of the query sent
+    alone must give these rows (the query-statistics contract is tested by the SDK tests)."""
     from atlas.mapping import map_query
 
-    return map_query(service.query, service.atlas, return_neighbors=True)
+    return map_query(service.query, service.atlas, return_neighbors=True, domain_statistics="reference")
 
 
 def _payload(adata, params=None) -> wire.QueryPayload:
@@ -141,7 +143,10 @@ def assert_same(served, offline, *, neighbours=True):
             np.testing.assert_allclose(a, b, atol=1e-6, rtol=0, err_msg=key)
         else:
             assert np.array_equal(a, b), key
-    assert served.uns["atlas"] == offline.uns["atlas"]
+    # Which cells shared statistics is a property of how the query was split (a slice of the
+    # query is its own batch): compared where it is the point (the SDK tests).
+    strip = lambda uns: {k: v for k, v in uns.items() if k != "query_domains"}  # noqa: E731
+    assert strip(served.uns["atlas"]) == strip(offline.uns["atlas"])
     if neighbours and "atlas_neighbors" in offline.uns:
         assert np.array_equal(served.uns["atlas_neighbors"]["dataset_id"], offline.uns["atlas_neighbors"]["dataset_id"])
 
@@ -233,7 +238,8 @@ def test_oversized_bodies_and_too_many_cells_are_413(service):
 
 @pytest.mark.parametrize("content_type", [wire.ARROW, wire.NPZ])
 def test_served_equals_offline(service, offline, content_type):
-    served = _map_http(service, service.query, content_type, {"return_neighbors": True})
+    served = _map_http(service, service.query, content_type, {"return_neighbors": True,
+                                                               "domain_statistics": "reference"})
     assert_same(served, offline)
     # Hierarchy: every level-2 label lies under its level-1 label.
     shard = service.atlas.shard("coarse")
@@ -272,12 +278,17 @@ def test_thresholds_levels_and_predict_as_query_params(service):
     assert_same(served, map_query(cells, service.atlas, levels=["cell_type_l1"], predict=[], k_coarse=10))
 
 
-def test_concurrent_requests_share_encoder_batches(service, offline):
+def test_concurrent_requests_share_encoder_batches(service):
+    """Requests embedded together by the encoder keep their own query statistics (each request
+    names itself one batch): every answer equals map_query of that request's cells alone."""
+    from atlas.mapping import map_query
+
     results: dict = {}
+    params = {"return_neighbors": True, "min_domain_cells": 10, "batch": "request"}
 
     def one(i):
         rows = slice(20 * i, 20 * i + 20)
-        results[i] = (_map_http(service, service.query[rows], params={"return_neighbors": True}), rows)
+        results[i] = (_map_http(service, service.query[rows], params=params), rows)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
     for t in threads:
@@ -286,7 +297,8 @@ def test_concurrent_requests_share_encoder_batches(service, offline):
         t.join()
     assert len(results) == 4
     for served, rows in results.values():
-        assert_same(served, _rows(offline, rows))
+        assert_same(served, map_query(service.query[rows].copy(), service.atlas, **params))
+        assert served.uns["atlas"]["query_domains"]["batches"]["request"]["own_statistics"]
 
 
 # -- bad input: 4xx with the mapper's message, never a 500 --------------------------------------
@@ -357,28 +369,59 @@ def test_a_cell_with_no_counts_maps_to_unknown_over_http(service):
 # -- the SDK and the CLI -----------------------------------------------------------------------
 
 
+def _counting_posts(client) -> list[int]:
+    posts = []
+    send = client._http.request
+
+    def counting(method, path, **kwargs):
+        if path == "/v1/map":
+            posts.append(len(kwargs["content"]))
+        return send(method, path, **kwargs)
+
+    client._http.request = counting
+    return posts
+
+
 def test_sdk_maps_in_chunks_like_offline(service):
     from atlas.client import AtlasClient
     from atlas.mapping import map_query
 
     query = service.query.copy()
     query.obs_names.name = "barcode"
-    offline_result = map_query(query, service.atlas, levels=LEVELS, predict=["protein"])
+    offline_result = map_query(query, service.atlas, levels=LEVELS, predict=["protein"],
+                               domain_statistics="reference")
     with AtlasClient(service.url, service.token, max_cells_per_request=70) as client:
-        posts = []
-        send = client._http.request
-
-        def counting(method, path, **kwargs):
-            if path == "/v1/map":
-                posts.append(len(kwargs["content"]))
-            return send(method, path, **kwargs)
-
-        client._http.request = counting
-        served = client.map(query, levels=LEVELS, predict=["protein"], progress=True)
+        posts = _counting_posts(client)
+        served = client.map(query, levels=LEVELS, predict=["protein"], domain_statistics="reference", progress=True)
     assert len(posts) >= 3
     assert_same(served, offline_result)
     assert served.obs_names.name == "barcode"
     assert served.uns["atlas"]["n_no_data"] == offline_result.uns["atlas"]["n_no_data"]
+
+
+def test_sdk_sends_each_batch_whole_and_equals_offline(service):
+    """Each query batch is normalised by its own statistics: the client sends a batch in requests
+    of its own, so served == offline with the same batch_key, cells interleaved or not."""
+    from atlas.client import AtlasClient
+    from atlas.mapping import map_query
+
+    query = service.query.copy()
+    n = query.n_obs
+    query.obs["sample"] = np.where(np.arange(n) % 3 == 0, "s1", "s2")  # interleaved rows
+    query.obs.loc[query.obs_names[:8], "sample"] = "tiny"  # below min_domain_cells: the reference average
+    options = dict(levels=LEVELS, predict=["protein"], batch_key="sample", min_domain_cells=40)
+    offline_result = map_query(query, service.atlas, **options)
+    with AtlasClient(service.url, service.token, max_cells_per_request=70) as client:
+        posts = _counting_posts(client)
+        served = client.map(query, progress=False, **options)
+    assert len(posts) == 3  # s1, s2 whole; "tiny" with the reference average
+    assert_same(served, offline_result)
+    domains = offline_result.uns["atlas"]["query_domains"]
+    assert served.uns["atlas"]["query_domains"] == domains
+    assert {b: v["own_statistics"] for b, v in domains["batches"].items()} == {"s1": True, "s2": True, "tiny": False}
+    # A batch's result does not depend on the other batches mapped with it.
+    alone = map_query(query[query.obs["sample"] == "s1"].copy(), service.atlas, **options)
+    np.testing.assert_allclose(alone.obsm["X_atlas"], offline_result[alone.obs_names].obsm["X_atlas"], atol=1e-5)
 
 
 def test_sdk_errors_carry_the_servers_message(service):

@@ -121,7 +121,7 @@ def test_bad_parameters_and_empty_queries_fail_before_sending():
 
     server = Server()
     client = _client(server)
-    with pytest.raises(wire.WireError, match="predict_method must be one of"):
+    with pytest.raises(MappingError, match="predict_method must be one of"):  # as map_query says it
         client.map(_query(5), predict_method="magic", progress=False)
     with pytest.raises(MappingError, match="no cells"):
         client.map(_query(5)[:0], progress=False)

@@ -1,0 +1,67 @@
+"""The frozen model over prepared query cells: :func:`embed_prepared` (offline, the Serve
+encoder deployment and the offline mapper's actors all call it), with the query's own
+normalisation statistics per domain (:mod:`atlas.mapping.domains`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from atlas.data.batches import csr_to_batch
+from atlas.models.recalibrate import has_domain_normalisation, with_query_domains
+from atlas.train.step import autocast_context
+
+
+def embed_prepared(aligned: Mapping[str, sp.csr_matrix], model: Any, *, max_features: int | None = None,
+                   batch_size: int = 1024, device: str = "cpu", decode: Mapping[str, str] | None = None,
+                   domains: np.ndarray | None = None, layers: str = "input", domains_set: bool = False
+                   ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Embed prepared cells with the frozen model, ``batch_size`` cells at a time (bounded memory).
+
+    ``domains`` (int per cell, see :mod:`atlas.mapping.domains`): cells of query domain ``j ≥ 0``
+    are normalised with the exact statistics of that domain's cells in the ``layers`` chosen
+    (``"input"``: one extra pass over them; ``"all"``: two);
+    cells with ``-1`` (or every cell, without ``domains``) enter as an unseen domain: Concerto
+    uses the mean of its reference domains' statistics. ``decode`` (``{target: source}``, CVQVAE
+    only) also returns the decoder's cross-modal prediction of each target over its vocabulary
+    (log-normalised scale). ``domains_set``: ``domains`` are the model's own codes of statistics
+    already set (:class:`~atlas.mapping.domains.FixedDomains`): no recording.
+    """
+    n = next(iter(aligned.values())).shape[0]
+    codes = np.full(n, -1) if domains is None else np.asarray(domains, dtype=np.int64)
+    if domains_set:
+        pass
+    elif domains is not None and (codes >= 0).any() and has_domain_normalisation(model, layers):
+        def record(copy: Any, offset: int) -> None:
+            forward(aligned, copy, np.where(codes >= 0, codes + offset, -1), max_features, batch_size, device, {})
+
+        model, offset = with_query_domains(model, int(codes.max()) + 1, record, layers=layers)
+        codes = np.where(codes >= 0, codes + offset, -1)
+    else:
+        codes = np.full(n, -1)
+    return forward(aligned, model, codes, max_features, batch_size, device, dict(decode or {}))
+
+
+def forward(aligned: Mapping[str, sp.csr_matrix], model: Any, domains: np.ndarray, max_features: int | None,
+             batch_size: int, device: str, decode: Mapping[str, str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    n = next(iter(aligned.values())).shape[0]
+    chunks: list[np.ndarray] = []
+    decoded: dict[str, list[np.ndarray]] = {m: [] for m in decode}
+    # One precision rule for reference and query (atlas.embed uses the same context): bf16
+    # autocast on CUDA, fp32 elsewhere; normalisation statistics are fp32 either way.
+    with torch.no_grad(), autocast_context(device):
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            batch = csr_to_batch({m: x[start:stop] for m, x in aligned.items()},
+                                 domain=domains[start:stop], normalize=False, max_features=max_features)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            chunks.append(model.embed(batch).float().cpu().numpy())
+            for target, source in decode.items():
+                decoded[target].append(model.predict_other(batch, source)["features"].float().cpu().numpy())
+    dim = model.config.embed_dim if hasattr(model.config, "embed_dim") else model.config.latent_dim
+    emb = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
+    return emb.astype(np.float32), {m: np.concatenate(v).astype(np.float32) for m, v in decoded.items() if v}
