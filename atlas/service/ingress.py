@@ -130,6 +130,24 @@ def install_error_handling(app: FastAPI) -> None:
     async def _problem(request: Request, exc: Problem):
         return _problem_response(request, exc.status, exc.message, exc.headers)
 
+    # The library's errors, each with its status (the most specific class wins: a TooManyCells
+    # is a WireError). The message is the library's own: it says what to change.
+    from atlas.errors import MappingError
+    from atlas.service.remote import ServiceUnavailable
+    from atlas.wire import TooManyCells, UnsupportedMediaType, WireError
+
+    def answer(status: int):
+        async def handler(request: Request, exc: Exception):
+            return _problem_response(request, status, str(exc))
+        return handler
+
+    for error, status in ((TooManyCells, 413), (UnsupportedMediaType, 415), (WireError, 400), (MappingError, 422)):
+        app.add_exception_handler(error, answer(status))
+
+    @app.exception_handler(ServiceUnavailable)
+    async def _unavailable(request: Request, exc: ServiceUnavailable):
+        return _problem_response(request, 503, str(exc), {"Retry-After": str(exc.retry_after_s)})
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         parts = ["/".join(str(x) for x in e.get("loc", ())) + ": " + str(e.get("msg")) for e in exc.errors()]
@@ -194,23 +212,8 @@ def make_ingress():
                 return self._pipeline
 
         async def _run(self, fn, *args):
-            from atlas.mapping.align import MappingError
-            from atlas.service.remote import ServiceUnavailable
-            from atlas.wire import TooManyCells, UnsupportedMediaType, WireError
-
-            loop = asyncio.get_running_loop()
-            try:
-                return await loop.run_in_executor(self.pool, fn, *args)
-            except TooManyCells as e:
-                raise Problem(413, str(e)) from None
-            except UnsupportedMediaType as e:
-                raise Problem(415, str(e)) from None
-            except WireError as e:
-                raise Problem(400, str(e)) from None
-            except MappingError as e:
-                raise Problem(422, str(e)) from None
-            except ServiceUnavailable as e:
-                raise Problem(503, str(e), {"Retry-After": str(e.retry_after_s)}) from None
+            # Off the event loop; errors become HTTP answers in the app's exception handlers.
+            return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
         def _embed(self, aligned, decode, domains):
             from atlas.service.remote import call
