@@ -53,18 +53,11 @@ def build_app(args: ServiceArgs) -> Application:
     encoder = Encoder.options(**enc.serve_options()).bind(
         artifact, enc.max_batch_size, enc.batch_wait_timeout_s, enc.batch_cells, enc.device)
     ingress_options = args.ingress_options()
-    settings = {
-        "token_file": str(Path(args.token_file).expanduser().resolve()) if args.token_file else None,
-        "token_env": args.token_env,
-        "allow_anonymous": args.allow_anonymous,
-        "max_request_bytes": args.max_request_bytes,
-        "max_cells_per_request": args.max_cells_per_request,
-        "call_timeout_s": args.call_timeout_s,
-        "retries": args.retries,
-        "retry_after_s": args.retry_after_s,
-        "threads": ingress_options.max_ongoing_requests or 8,
-    }
-    return make_ingress().options(**ingress_options.serve_options()).bind(artifact, encoder, shards, settings)
+    # The ingress gets the validated arguments themselves (no second set of defaults there).
+    resolved = args.model_copy(update={
+        "token_file": str(Path(args.token_file).expanduser().resolve()) if args.token_file else None})
+    threads = ingress_options.max_ongoing_requests or 8
+    return make_ingress().options(**ingress_options.serve_options()).bind(artifact, encoder, shards, resolved, threads)
 
 
 def run_service(args: Union[ServiceArgs, Dict[str, Any]], *, host: str = "127.0.0.1", port: int = 8000,

@@ -165,7 +165,7 @@ def make_ingress():
     class Ingress:
         """Authenticates, enforces the limits, decodes, maps (encoder + shard deployments), encodes."""
 
-        def __init__(self, artifact: str, encoder: Any, shards: Dict[str, Any], settings: Dict[str, Any]):
+        def __init__(self, artifact: str, encoder: Any, shards: Dict[str, Any], args: Any, threads: int):
             from atlas.artifact import load_atlas
             from atlas.service.auth import load_tokens
             from atlas.service.remote import RetryPolicy, ServeSearcher
@@ -173,17 +173,16 @@ def make_ingress():
             # Lazy: hashes the vocabularies and the layout now, the idf files when first used;
             # the ingress reads no shard and no weights.
             self.atlas = load_atlas(artifact, verify="lazy")
-            self.tokens = load_tokens(settings.get("token_file"), settings.get("token_env", "ATLAS_TOKEN"),
-                                      allow_anonymous=bool(settings.get("allow_anonymous")))
-            self.max_bytes = int(settings["max_request_bytes"])
-            self.max_cells = int(settings["max_cells_per_request"])
-            self.policy = RetryPolicy(retries=int(settings.get("retries", 3)),
-                                      timeout_s=float(settings.get("call_timeout_s", 120.0)),
-                                      retry_after_s=int(settings.get("retry_after_s", 5)))
+            # args: the validated atlas.service.config.ServiceArgs (its defaults are the only ones)
+            self.tokens = load_tokens(args.token_file, args.token_env, allow_anonymous=args.allow_anonymous)
+            self.max_bytes = args.max_request_bytes
+            self.max_cells = args.max_cells_per_request
+            self.policy = RetryPolicy(retries=args.retries, timeout_s=args.call_timeout_s,
+                                      retry_after_s=args.retry_after_s)
             self.encoder = encoder
             self.shards = dict(shards)
             self.searcher = ServeSearcher(self.shards, self.policy)
-            self.pool = ThreadPoolExecutor(max_workers=int(settings.get("threads", 8)), thread_name_prefix="map")
+            self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="map")
             self._pipeline = None
             self._lock = threading.Lock()
             log.info("ingress for atlas %s (%d shards, auth %s)", self.atlas.version, len(self.shards),
