@@ -324,6 +324,7 @@ def map_cells(
     k_fine: Annotated[str | None, typer.Option(help=_HELP["k_fine"] + " [default: 5]")] = None,
     min_fraction: Annotated[str | None, typer.Option(help=_HELP["min_fraction"] + " [default: 0.5]")] = None,
     batch_key: Annotated[str | None, typer.Option(help=_HELP["batch_key"])] = None,
+    batch: Annotated[str | None, typer.Option(help=_HELP["batch"])] = None,
     domain_statistics: Annotated[str | None, typer.Option(help=_HELP["domain_statistics"] + " [default: query]")] = None,
     min_domain_cells: Annotated[str | None, typer.Option(help=_HELP["min_domain_cells"] + " [default: 100]")] = None,
     neighbors: Annotated[bool, typer.Option("--neighbors", help="Also store each cell's coarse neighbours.")] = False,
@@ -352,7 +353,7 @@ def map_cells(
         raise FileNotFoundError(f"query file {query} not found")
     params = MapParams.parse(params_from_text({
         "levels": levels, "predict": predict, "predict_method": predict_method, "thresholds": thresholds,
-        "k_coarse": k_coarse, "k_fine": k_fine, "min_fraction": min_fraction, "batch_key": batch_key,
+        "k_coarse": k_coarse, "k_fine": k_fine, "min_fraction": min_fraction, "batch_key": batch_key, "batch": batch,
         "domain_statistics": domain_statistics,
         "min_domain_cells": min_domain_cells}), return_neighbors=neighbors)
     adata = ad.read_h5ad(query)

@@ -77,10 +77,13 @@ def test_every_parameter_reaches_the_job_in_text_form():
 
 
 def test_the_cli_offers_every_parameter():
+    import re
+
     help_text = CliRunner().invoke(app, ["map", "--help"], terminal_width=200).output
+    offered = set(re.findall(r"--[a-z][a-z-]*", help_text))
     for name in MapParams.model_fields:
         option = "--neighbors" if name == "return_neighbors" else "--" + name.replace("_", "-")
-        assert option in help_text, option
+        assert option in offered, option
 
 
 @pytest.mark.parametrize("values,match", [
