@@ -33,17 +33,37 @@ def embed_prepared(aligned: Mapping[str, sp.csr_matrix], model: Any, *, max_feat
     """
     n = next(iter(aligned.values())).shape[0]
     codes = np.full(n, -1) if domains is None else np.asarray(domains, dtype=np.int64)
-    if domains_set:
-        pass
-    elif domains is not None and (codes >= 0).any() and has_domain_normalisation(model, layers):
-        def record(copy: Any, offset: int) -> None:
-            forward(aligned, copy, np.where(codes >= 0, codes + offset, -1), max_features, batch_size, device, {})
+    if not domains_set and (codes >= 0).any():
+        if has_domain_normalisation(model, layers):
+            def record(copy: Any, offset: int) -> None:
+                forward(aligned, copy, np.where(codes >= 0, codes + offset, -1), max_features, batch_size, device, {})
 
-        model, offset = with_query_domains(model, int(codes.max()) + 1, record, layers=layers)
-        codes = np.where(codes >= 0, codes + offset, -1)
-    else:
-        codes = np.full(n, -1)
+            model, offset = with_query_domains(model, int(codes.max()) + 1, record, layers=layers)
+            codes = np.where(codes >= 0, codes + offset, -1)
+        else:
+            codes = np.full(n, -1)
     return forward(aligned, model, codes, max_features, batch_size, device, dict(decode or {}))
+
+
+def max_features_of(manifest: Mapping[str, Any]) -> int | None:
+    """The build's cap on features per cell (the query is embedded under the same cap)."""
+    return (manifest.get("build_config", {}).get("data", {}) or {}).get("max_features")
+
+
+def local_embed(model: Any, manifest: Mapping[str, Any], *, batch_size: int = 1024, device: str = "cpu",
+                domains_set: bool = False) -> Any:
+    """``embed(aligned, decode, domains) -> (embedding, decoded)`` over a model in this process:
+    what :func:`~atlas.mapping.query.map_query` runs, and what the Serve encoder deployment runs
+    for the ingress (``domains``: :class:`~atlas.mapping.domains.QueryDomains` or None;
+    ``domains_set``: their statistics are already in ``model``)."""
+    max_features = max_features_of(manifest)
+
+    def embed(aligned: Mapping[str, sp.csr_matrix], decode: Mapping[str, str], domains: Any):
+        return embed_prepared(aligned, model, max_features=max_features, batch_size=batch_size, device=device,
+                              decode=dict(decode), domains=None if domains is None else domains.codes,
+                              layers="input" if domains is None else domains.layers, domains_set=domains_set)
+
+    return embed
 
 
 def forward(aligned: Mapping[str, sp.csr_matrix], model: Any, domains: np.ndarray, max_features: int | None,

@@ -37,7 +37,7 @@ class DomainRecorder:
         import torch
 
         from atlas.artifact import load_atlas
-        from atlas.mapping.query import max_features_of
+        from atlas.mapping.embedding import max_features_of
         from atlas.models.recalibrate import add_query_domains, set_query_statistics
 
         self.atlas = load_atlas(atlas_dir, verify="lazy")
@@ -99,14 +99,15 @@ def exact_query_domains(source: QuerySource, blocks: Sequence[QueryBlock], atlas
         query_statistics,
     )
 
-    model = atlas.model("cpu")
     layers = params.domain_statistics
-    if layers == "reference" or not has_domain_normalisation(model, layers):
+    if layers == "reference" or (source.batch_key is None and params.batch is None):
+        return None  # decided before loading the model or reading a block: the common case
+    model = atlas.model("cpu")
+    if not has_domain_normalisation(model, layers):
         return None
     passes = query_passes(layers)
     known = batch_names(source, blocks, params.batch)
-    if known is None:
-        return None
+    assert known is not None  # a batch_key or a batch is given
     names, counts = known
     adapted, offset = add_query_domains(model, len(names))
     statistics: dict[str, np.ndarray] | None = None

@@ -40,7 +40,7 @@ from atlas.mapping.align import (
     query_modalities,
 )
 from atlas.mapping.domains import FixedDomains, QueryDomains, batch_labels, query_domains
-from atlas.mapping.embedding import embed_prepared
+from atlas.mapping.embedding import embed_prepared, local_embed, max_features_of
 from atlas.mapping.params import PREDICT_METHODS, MapParams  # noqa: F401 (PREDICT_METHODS: re-exported)
 from atlas.mapping.search import Hits, LocalSearcher, Searcher
 from atlas.mapping.vote import weighted_vote
@@ -116,10 +116,6 @@ def decodable(manifest: Mapping[str, Any], have: Sequence[str]) -> dict[str, str
     if b in have and a not in have:
         out[a] = b
     return out
-
-
-def max_features_of(manifest: Mapping[str, Any]) -> int | None:
-    return (manifest.get("build_config", {}).get("data", {}) or {}).get("max_features")
 
 
 def embed_query(adata: Any, atlas: Any, *, min_fraction: float = 0.5, batch_size: int = 1024,
@@ -312,14 +308,8 @@ def map_query(
         raise MappingError(f"atlas {atlas.version} has no index shards; rebuild it with index levels")
     root_shard = atlas.shard(atlas.layout.root.shards[0])
     model = model if model is not None else atlas.model(device)
-
-    def embed(aligned: Mapping[str, sp.csr_matrix], decode: Mapping[str, str], domains: QueryDomains | None):
-        return embed_prepared(aligned, model, max_features=max_features_of(atlas.manifest),
-                              batch_size=batch_size, device=device, decode=decode,
-                              domains=None if domains is None else domains.codes,
-                              layers="input" if domains is None else domains.layers,
-                              domains_set=fixed_domains is not None)
-
+    embed = local_embed(model, atlas.manifest, batch_size=batch_size, device=device,
+                        domains_set=fixed_domains is not None)
     return run_mapping(adata, atlas, params, root_levels=list(root_shard.labels),
                        root_profiles=list(root_shard.profiles), embed=embed,
                        searcher=searcher if searcher is not None else LocalSearcher(atlas),

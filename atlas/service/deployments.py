@@ -34,7 +34,7 @@ class Encoder:
         import torch
 
         from atlas.artifact import load_atlas
-        from atlas.mapping.query import max_features_of
+        from atlas.mapping.embedding import max_features_of
 
         self.atlas = load_atlas(artifact, verify="lazy")
         if device == "auto":

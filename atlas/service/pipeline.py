@@ -23,8 +23,6 @@ from atlas.mapping.domains import QueryDomains
 from atlas.mapping.query import (
     available_levels,
     decodable,
-    embed_prepared,
-    max_features_of,
     model_modalities,
     run_mapping,
 )
@@ -68,17 +66,6 @@ def root_info(descriptions: Sequence[Mapping[str, Any]]) -> RootShardInfo:
               for lv in first["levels"]}
     return RootShardInfo(levels=list(first["levels"]), profiles=dict(first["profiles"]), labels=labels,
                          n_cells=int(sum(d["n_cells"] for d in descriptions)))
-
-
-def local_embed(model: Any, manifest: Mapping[str, Any], *, batch_size: int = 1024, device: str = "cpu") -> Embed:
-    """An :data:`Embed` over a model in this process (the encoder deployment runs the same call)."""
-
-    def embed(aligned: Mapping[str, sp.csr_matrix], decode: Mapping[str, str], domains: QueryDomains | None):
-        return embed_prepared(aligned, model, max_features=max_features_of(manifest), batch_size=batch_size,
-                              device=device, decode=dict(decode), domains=None if domains is None else domains.codes,
-                              layers="input" if domains is None else domains.layers)
-
-    return embed
 
 
 class MappingPipeline:
