@@ -329,9 +329,10 @@ def read_batches(source: QuerySource, block: QueryBlock) -> np.ndarray:
             elif _is_group(elem):
                 raise MappingError(f"query obs[{key!r}] has encoding {_encoding(elem)!r}; use a string or "
                                    "categorical column as batch_key")
+            elif getattr(elem.dtype, "kind", "O") in "OSUT":  # strings: decoded once, as the cell ids are
+                values = pd.Series(_strings(elem, block.start, block.stop))
             else:
-                raw = np.asarray(elem[block.start : block.stop])
-                values = pd.Series(_strings(elem, block.start, block.stop) if raw.dtype.kind in "OSUT" else raw)
+                values = pd.Series(np.asarray(elem[block.start : block.stop]))
         finally:
             close()
     if values.isna().any():
