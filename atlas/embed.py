@@ -130,8 +130,8 @@ def recalibrate(
     blocks = list(plan.blocks)
     n = max(1, min(actors, len(blocks)))
     recorder = ray.remote(StatisticsRecorder).options(num_cpus=1)
-    workers = [recorder.remote(model_spec, ray.put({k: v.cpu() for k, v in model.state_dict().items()}), plan)
-               for _ in range(n)]
+    weights = ray.put({k: v.cpu() for k, v in model.state_dict().items()})  # once, shared by every actor
+    workers = [recorder.remote(model_spec, weights, plan) for _ in range(n)]
     try:
         for step in range(passes):
             if step:
