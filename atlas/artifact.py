@@ -27,14 +27,13 @@ import hashlib
 import json
 import math
 import os
-import platform
 import uuid
 from collections.abc import Iterable
-from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from atlas.errors import AtlasError
+from atlas.provenance import library_versions
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -177,31 +176,6 @@ def vocabulary_hash(vocabulary: dict[str, list[str]]) -> str:
         h.update("".join(f"{i}\n" for i in vocabulary[modality]).encode("utf-8"))
         h.update(b"\0")
     return h.hexdigest()
-
-
-def library_versions() -> dict[str, str | None]:
-    """Versions of the libraries an atlas depends on (None: not installed).
-
-    Read from package metadata, so recording ray's version does not import ray.
-    """
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for name, dists in {
-        "torch": ["torch"],
-        "faiss": ["faiss-cpu", "faiss-gpu-cu12", "faiss-gpu", "faiss"],
-        "numpy": ["numpy"],
-        "ray": ["ray"],
-        "tiledbsoma": ["tiledbsoma"],
-        "anndata": ["anndata"],
-        "atlas": ["ray-cell-atlas"],  # the distribution name; "atlas" on PyPI is another project
-    }.items():
-        out[name] = None
-        for dist in dists:
-            try:
-                out[name] = f"{metadata.version(dist)}" + ("" if name != "faiss" else f" ({dist})")
-                break
-            except metadata.PackageNotFoundError:
-                continue
-    return out
 
 
 def _jsonable(obj: Any) -> Any:
@@ -353,6 +327,7 @@ class Atlas:
         #: With ``lazy``, file hashes are checked when a shard or the model is first loaded.
         self._lazy = lazy
         self._shards: dict[str, Any] = {}
+        self._cache: dict[str, Any] = {}
         self.vocabulary: dict[str, list[str]] = {
             m: (path / info["file"]).read_text(encoding="utf-8").splitlines()
             for m, info in manifest.get("vocabulary", {}).items()
@@ -394,6 +369,17 @@ class Atlas:
             _verify_subset(self.path, self.manifest, [rel])
         return np.load(self.path / rel)
 
+    def heads(self) -> Any:
+        """The model's label heads (:class:`atlas.mapping.heads.Heads`), or None."""
+        from atlas.mapping.heads import read_heads
+
+        if "heads" not in self._cache:  # read (and verified) once: every mapped batch uses them
+            entry = self.manifest["model"].get("heads") or {}
+            if self._lazy and entry.get("file"):
+                _verify_subset(self.path, self.manifest, [entry["file"]])
+            self._cache["heads"] = read_heads(self.path, self.manifest)
+        return self._cache["heads"]
+
     def shard_names(self) -> list[str]:
         return self.layout.shard_names() if self.layout else []
 
@@ -416,16 +402,12 @@ class Atlas:
         """Rebuild the trained model from the manifest and its weights, in eval mode."""
         import torch
 
-        from atlas.models.config import build_model, config_from_dict
+        from atlas.models.config import model_from_spec
 
         section = self.manifest["model"]
         if self._lazy:
             _verify_subset(self.path, self.manifest, [section["weights"]])
-        module = build_model(
-            config_from_dict(section["config"]),
-            {m: int(v) for m, v in section["vocab_sizes"].items()},
-            int(section["n_domains"]),
-        )
+        module = model_from_spec(section)
         state = torch.load(self.path / section["weights"], map_location=device, weights_only=True)
         module.load_state_dict(state)
         return module.to(device).eval()

@@ -30,6 +30,7 @@ from atlas.data.plan import ReadPlan
 from atlas.data.reader import open_experiment
 from atlas.embed import embed_dataset, iter_embeddings, recalibrate
 from atlas.index.shards import build_hierarchy
+from atlas.mapping.heads import read_heads, write_heads
 from atlas.models.config import config_to_dict
 from atlas.names import store_embedding
 from atlas.staging import staged_output
@@ -37,7 +38,7 @@ from atlas.stopping import rearm
 from atlas.store.embeddings import write_embedding
 from atlas.store.versions import current_version, is_store
 from atlas.train.config import BuildConfig, ConfigError
-from atlas.train.trainer import cluster_has_gpus, fit_views_state, train
+from atlas.train.trainer import cluster_has_gpus, initial_state, train, uses_labels
 
 DENSE_PROFILE_MAX_FEATURES = 2048
 """Profiles of modalities up to this many features are stored dense (NaN rows = not measured)."""
@@ -91,10 +92,12 @@ def preflight(build: BuildConfig, uri: str, *, writes_store: bool) -> None:
 
 def _training_plan(build: BuildConfig, uri: str) -> ReadPlan:
     # Enough read blocks that the streaming split can balance every worker (≥ 8 blocks each).
-    plan = build_plan(uri, build.data)
+    # Label heads learn from the index levels' labels: the cells carry their codes.
+    levels = tuple(build.index.levels) if uses_labels(build) else ()
+    plan = build_plan(uri, build.data, label_levels=levels)
     per_block = max(build.data.batch_size, math.ceil(plan.n_cells / (8 * build.scaling.num_workers)))
     if per_block < build.data.block_size:
-        plan = build_plan(uri, dataclasses.replace(build.data, block_size=per_block))
+        plan = build_plan(uri, dataclasses.replace(build.data, block_size=per_block), label_levels=levels)
     return plan
 
 
@@ -162,15 +165,20 @@ def build_atlas(build: BuildConfig, *, resume: bool = False, overwrite: bool = F
         f"{plan.n_cells:,} cells, {len(plan.domain_names)} domains, modalities {list(modalities)}, "
         f"{len(plan.blocks)} read blocks, {build.scaling.num_workers} worker(s)")
 
-    views_state = fit_views_state(build, plan, vocab_sizes, len(plan.domain_names))
-    result = train(build, plan, vocab_sizes, views_state=views_state, resume=resume)
+    if plan.label_levels:
+        heads = ", ".join(f"{lv} ({len(c)} classes)" for lv, c in zip(plan.label_levels, plan.label_classes))
+        log(f"[build] label heads on {heads}")
+    initial = initial_state(build, plan, vocab_sizes, len(plan.domain_names))
+    result = train(build, plan, vocab_sizes, initial=initial, resume=resume)
     seconds["train"] = result.seconds
     epochs = result.history.get("epochs", [])
     log(f"[build] trained in {result.seconds:.1f} s; final loss {epochs[-1]['loss']:.4f}" if epochs else "[build] trained")
 
     t = time.perf_counter()
-    model_spec = {"config": config_to_dict(build.model), "vocab_sizes": vocab_sizes,
-                  "n_domains": len(plan.domain_names)}
+    model_spec: dict[str, Any] = {"config": config_to_dict(build.model), "vocab_sizes": vocab_sizes,
+                                  "n_domains": len(plan.domain_names)}
+    if plan.label_levels:
+        model_spec["heads"] = {"levels": list(plan.label_levels), "classes": [list(c) for c in plan.label_classes]}
     embed_plan = build_plan(uri, dataclasses.replace(build.data, shuffle=False, single_domain=False),
                             domain_names=plan.domain_names)
     use_gpu = build.scaling.use_gpu if build.scaling.use_gpu is not None else cluster_has_gpus()
@@ -218,7 +226,11 @@ def build_atlas(build: BuildConfig, *, resume: bool = False, overwrite: bool = F
         )
         seconds["index"] = time.perf_counter() - t
         log(f"[build] index: {layout.mode} layout, {len(layout.shard_names())} shard(s) in {seconds['index']:.1f} s")
-        mapping = _calibrate(build, layout, staging / "shards", embeddings, joinids, obs, levels, log)
+        heads = None
+        if plan.label_levels:
+            model_spec["heads"] = write_heads(staging, model_state, plan.label_levels, plan.label_classes)
+            heads = read_heads(staging, {"model": model_spec})
+        mapping = _calibrate(build, layout, staging / "shards", embeddings, joinids, obs, levels, log, heads)
         torch.save(model_state, staging / "model.pt")
         seconds["total"] = time.perf_counter() - t0
         store_record = {"uri": str(Path(uri).resolve()) if "://" not in uri else uri,
@@ -251,7 +263,7 @@ def build_atlas(build: BuildConfig, *, resume: bool = False, overwrite: bool = F
 
 
 def _calibrate(build: BuildConfig, layout, shards_dir: Path, embeddings: np.ndarray, joinids: np.ndarray,
-               obs: pd.DataFrame, levels: list[str], log: Callable[[str], None]) -> dict[str, Any]:
+               obs: pd.DataFrame, levels: list[str], log: Callable[[str], None], heads: Any = None) -> dict[str, Any]:
     """Unknown-rejection thresholds from reference cells mapped leave-one-out (empty: no levels)."""
     if not levels or build.index.calibration_cells <= 0:
         return {}
@@ -263,7 +275,7 @@ def _calibrate(build: BuildConfig, layout, shards_dir: Path, embeddings: np.ndar
     mapping = calibrate_thresholds(
         embeddings, joinids, labels, LocalSearcher(ShardFolder(shards_dir)), layout, levels,
         rejection_rate=build.index.rejection_rate, max_cells=build.index.calibration_cells,
-        seed=build.train.seed,
+        seed=build.train.seed, heads=heads,
     )
     shown = ", ".join(f"{lv} {v:.3f}" for lv, v in mapping["thresholds"].items() if v is not None)
     acc = ", ".join(f"{lv} {v:.3f}" for lv, v in mapping["loo_accuracy"].items() if v is not None)

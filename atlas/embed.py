@@ -20,7 +20,7 @@ from atlas.data.collate import table_to_batch
 from atlas.data.dataset import make_dataset
 from atlas.data.plan import ReadPlan
 from atlas.data.reader import read_block
-from atlas.models.config import build_model, config_from_dict
+from atlas.models.config import model_from_spec
 from atlas.models.recalibrate import RECALIBRATION_PASSES, DomainStatistics
 from atlas.train.step import autocast_context
 
@@ -28,7 +28,7 @@ from atlas.train.step import autocast_context
 def _load(model_spec: dict[str, Any], state: Any) -> torch.nn.Module:
     if isinstance(state, ray.ObjectRef):  # weights travel once through the object store
         state = ray.get(state)
-    model = build_model(config_from_dict(model_spec["config"]), model_spec["vocab_sizes"], model_spec["n_domains"])
+    model = model_from_spec(model_spec)
     model.load_state_dict(state)
     return model
 

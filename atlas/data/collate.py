@@ -8,6 +8,7 @@ import torch
 
 from atlas.data.arrow import list_column_csr
 from atlas.data.batches import modality_keys, pad_rows
+from atlas.data.plan import LABELS
 
 
 def table_to_batch(table: pa.Table, modalities: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -16,6 +17,11 @@ def table_to_batch(table: pa.Table, modalities: tuple[str, ...]) -> dict[str, to
         "soma_joinid": torch.from_numpy(table.column("soma_joinid").to_numpy().astype(np.int64)),
         "domain": torch.from_numpy(table.column("domain").to_numpy().astype(np.int64)),
     }
+    if LABELS in table.column_names:
+        column = table.column(LABELS).combine_chunks()
+        width = column.type.list_size
+        flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+        batch[LABELS] = torch.from_numpy(flat.reshape(-1, width))
     for m in modalities:
         indptr, indices = list_column_csr(table.column(f"{m}_ids"))
         _, values = list_column_csr(table.column(f"{m}_values"))

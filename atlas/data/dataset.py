@@ -111,6 +111,28 @@ def select_cells(
     return ids.astype(np.int64), codes, tuple(domain_names)
 
 
+def label_codes(
+    uri: str, joinids: np.ndarray, levels: Sequence[str], classes: Sequence[Sequence[str]] | None = None
+) -> tuple[np.ndarray, tuple[tuple[str, ...], ...]]:
+    """Codes ([cells, levels] int32, -1 = no label) of the obs label columns of ``joinids``, and the
+    class names of each level (sorted labels present, unless ``classes`` are given)."""
+    exp = open_experiment(uri)
+    missing = [lv for lv in levels if lv not in exp.obs.schema.names]
+    if missing:
+        raise KeyError(f"obs has no label column(s) {missing}")
+    obs = exp.obs.read(coords=(np.sort(joinids),), column_names=["soma_joinid", *levels]).concat().to_pandas()
+    obs = obs.set_index("soma_joinid").loc[joinids]
+    codes = np.full((joinids.size, len(levels)), -1, dtype=np.int32)
+    names = []
+    for i, level in enumerate(levels):
+        values = obs[level].astype(object).where(obs[level].notna(), "").astype(str).to_numpy()
+        level_classes = tuple(classes[i]) if classes is not None else tuple(sorted(set(values.tolist()) - {""}))
+        lookup = {name: code for code, name in enumerate(level_classes)}
+        codes[:, i] = [lookup.get(v, -1) for v in values]
+        names.append(level_classes)
+    return codes, tuple(names)
+
+
 def fit_store_idf(uri: str, modality: str, joinids: np.ndarray, chunk: int = 16384) -> np.ndarray:
     """Inverse document frequency of every feature over ``joinids``, streamed in chunks."""
     n_features = open_experiment(uri).ms[modality].var.count
@@ -128,8 +150,10 @@ def build_plan(
     joinids: Sequence[int] | None = None,
     domain_names: Sequence[str] | None = None,
     idf: dict | None = None,
+    label_levels: Sequence[str] = (),
 ) -> ReadPlan:
-    """Plan the read of the selected cells of a store (its current version, pinned)."""
+    """Plan the read of the selected cells of a store (its current version, pinned); with
+    ``label_levels`` every cell also carries its label codes of those obs columns."""
     uri = resolve_uri(store)
     exp = open_experiment(uri)
     missing = [m for m in config.modalities if m not in exp.ms]
@@ -138,6 +162,7 @@ def build_plan(
     ids, codes, names = select_cells(uri, config.domain_key, config.obs_filter, joinids, domain_names)
     if ids.size == 0:
         raise ValueError("no cells selected")
+    labels, label_classes = label_codes(uri, ids, label_levels) if label_levels else (None, ())
     block_size = config.block_size
     if config.single_domain:  # whole minibatches per block, so only a domain's last one is short
         block_size = max(config.batch_size, block_size // config.batch_size * config.batch_size)
@@ -149,6 +174,7 @@ def build_plan(
         seed=config.seed,
         single_domain=config.single_domain,
         shuffle_chunk_size=config.shuffle_chunk_size,
+        labels=labels,
     )
     idf = dict(idf or {})
     for m in config.modalities:
@@ -167,6 +193,8 @@ def build_plan(
         rows_per_block=min(4096, block_size),
         shuffle=config.shuffle,
         seed=config.seed,
+        label_levels=tuple(label_levels),
+        label_classes=label_classes,
     )
 
 
@@ -185,7 +213,7 @@ class SomaCellsDatasource(Datasource):
         return None
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list[ReadTask]:
-        schema = output_schema(self._plan.modalities)
+        schema = output_schema(self._plan.modalities, len(self._plan.label_levels))
         blocks = list(self._plan.blocks)
         if self._plan.shuffle:
             # Ray Data plans the read anew for every execution (epoch): give each a new task

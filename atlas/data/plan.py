@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+LABELS = "labels"
+"""Column (Arrow) and key (batch dict) of a cell's label codes, one per label level (-1: no label)."""
+
 
 @dataclass(frozen=True)
 class ReadBlock:
@@ -27,6 +30,8 @@ class ReadBlock:
     """``soma_joinid`` of the cells, in the order the task yields them (int64)."""
     domains: np.ndarray
     """Domain code of each cell (int32), aligned with ``joinids``."""
+    labels: np.ndarray | None = None
+    """Label code of each cell per label level (int32 [cells, levels], -1: no label), or None."""
 
     def __len__(self) -> int:
         return int(self.joinids.size)
@@ -60,6 +65,10 @@ class ReadPlan:
     """Whether blocks were shuffled (the dataset then also randomises block order per epoch)."""
     seed: int = 0
     """Seed of the block shuffle and of the per-epoch block order."""
+    label_levels: tuple[str, ...] = ()
+    """obs columns whose codes the blocks carry (supervised heads); empty: no labels read."""
+    label_classes: tuple[tuple[str, ...], ...] = ()
+    """Class name of each label code, per level."""
 
     @property
     def n_cells(self) -> int:
@@ -79,16 +88,22 @@ def plan_blocks(
     seed: int = 0,
     single_domain: bool = False,
     shuffle_chunk_size: int = 1024,
+    labels: np.ndarray | None = None,
 ) -> list[ReadBlock]:
-    """Split cells into read blocks (see the module docstring for the shuffle scheme)."""
+    """Split cells into read blocks (see the module docstring for the shuffle scheme);
+    ``labels`` ([cells, levels] codes aligned with ``joinids``) travel with their cells."""
     joinids = np.asarray(joinids, dtype=np.int64)
     domains = np.asarray(domains, dtype=np.int32)
     if joinids.shape != domains.shape:
         raise ValueError("joinids and domains must have the same length")
+    if labels is not None:
+        labels = np.asarray(labels, dtype=np.int32).reshape(joinids.size, -1)
     if np.unique(joinids).size != joinids.size:
         raise ValueError("a cell appears twice in the selection")
     order = np.argsort(joinids, kind="stable")
     joinids, domains = joinids[order], domains[order]
+    if labels is not None:
+        labels = labels[order]
     rng = np.random.default_rng(seed)
     groups = [np.flatnonzero(domains == d) for d in np.unique(domains)] if single_domain else [
         np.arange(joinids.size)
@@ -101,7 +116,8 @@ def plan_blocks(
         for block in _chunks(positions, block_size):
             if shuffle:
                 block = block[rng.permutation(block.size)]
-            blocks.append(ReadBlock(joinids=joinids[block], domains=domains[block]))
+            blocks.append(ReadBlock(joinids=joinids[block], domains=domains[block],
+                                    labels=None if labels is None else labels[block]))
     if shuffle:
         blocks = [blocks[i] for i in rng.permutation(len(blocks))]
     return blocks

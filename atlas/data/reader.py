@@ -1,6 +1,7 @@
 """Read one block of cells from the SOMA store and emit Arrow blocks of normalised index-value rows.
 
-Each emitted row is one cell: ``soma_joinid``, ``domain`` and, per modality ``m``,
+Each emitted row is one cell: ``soma_joinid``, ``domain``, ``labels`` when the plan has label
+levels (a fixed-size list of codes) and, per modality ``m``,
 ``{m}_ids: list<int32>`` and ``{m}_values: list<float32>``. The list offsets of a block *are*
 the CSR row pointer, so the consumer turns a block into padded tensors without re-parsing.
 Pure tiledbsoma + numpy: runs in a Ray read task, or directly in tests.
@@ -17,7 +18,7 @@ import scipy.sparse as sp
 import tiledbsoma
 
 from atlas.data.batches import normalize_log1p, tfidf_log1p, top_k_per_row
-from atlas.data.plan import ReadBlock, ReadPlan
+from atlas.data.plan import LABELS, ReadBlock, ReadPlan
 
 X_LAYER = "counts"
 
@@ -81,6 +82,11 @@ def read_block(plan: ReadPlan, block: ReadBlock) -> Iterator[pa.Table]:
         "soma_joinid": pa.array(block.joinids, type=pa.int64()),
         "domain": pa.array(block.domains, type=pa.int32()),
     }
+    if plan.label_levels:
+        if block.labels is None:
+            raise ValueError("the plan has label levels but a block carries no labels")
+        columns[LABELS] = pa.FixedSizeListArray.from_arrays(
+            pa.array(block.labels.reshape(-1), type=pa.int32()), len(plan.label_levels))
     for modality in plan.modalities:
         csr = read_csr(plan.uri, modality, block.joinids)
         indptr, indices, values = transform(
@@ -97,8 +103,10 @@ def read_block(plan: ReadPlan, block: ReadBlock) -> Iterator[pa.Table]:
         yield table.slice(start, step)
 
 
-def output_schema(modalities: tuple[str, ...]) -> pa.Schema:
+def output_schema(modalities: tuple[str, ...], n_label_levels: int = 0) -> pa.Schema:
     fields = [pa.field("soma_joinid", pa.int64()), pa.field("domain", pa.int32())]
+    if n_label_levels:
+        fields.append(pa.field(LABELS, pa.list_(pa.int32(), n_label_levels)))
     for m in modalities:
         fields += [pa.field(f"{m}_ids", pa.list_(pa.int32())), pa.field(f"{m}_values", pa.list_(pa.float32()))]
     return pa.schema(fields)

@@ -1,6 +1,8 @@
 """Unknown-rejection thresholds, calibrated at build time on held-out reference cells.
 
-A query cell whose vote share at a level falls below that level's threshold is flagged
+A query cell whose confidence (the vote share; with label heads also the head's probability and
+the relative similarity, :mod:`atlas.mapping.confidence`) at a level falls below that level's
+threshold is flagged
 ``{level}_unknown``. The threshold is set so that about ``rejection_rate`` of *known* cells —
 reference cells mapped as if they were queries — would be rejected: the rate of false "unknown"
 calls a user accepts to catch cell types the atlas does not hold.
@@ -20,11 +22,12 @@ from typing import Any
 
 import numpy as np
 
+from atlas.mapping.confidence import typical_similarity
 from atlas.mapping.query import assign_labels
 from atlas.mapping.search import Searcher
 from atlas.names import UNKNOWN, confidence_key, pred_key
 
-METHOD = "leave-one-out vote share quantile"
+METHOD = "leave-one-out confidence quantile"
 
 
 def calibrate_thresholds(
@@ -40,11 +43,15 @@ def calibrate_thresholds(
     k_coarse: int = 25,
     k_fine: int = 5,
     seed: int = 0,
+    heads: Any = None,
 ) -> dict[str, Any]:
     """Per-level thresholds from up to ``max_cells`` reference cells mapped leave-one-out.
 
     ``labels``: level → str [n] of the reference cells (``""`` = unlabelled, not used at that
-    level). Returns the manifest's ``mapping`` section: ``thresholds`` (level → float, None when
+    level); ``heads``: the model's label heads, so the confidence is scored as mapping scores it
+    (then also ``typical_similarity``: the first level's label → the median similarity of its
+    cells to their ``k_coarse`` nearest other reference cells).
+    Returns the manifest's ``mapping`` section: ``thresholds`` (level → float, None when
     no labelled cell was sampled), ``loo_accuracy`` (level → accuracy of the leave-one-out vote
     before rejection), ``rejection_rate``, ``n_cells``, ``k_coarse``, ``k_fine``, ``method``.
     """
@@ -53,10 +60,17 @@ def calibrate_thresholds(
     n = embeddings.shape[0]
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(n, size=min(n, max_cells), replace=False))
+    queries = np.ascontiguousarray(embeddings[sample], dtype=np.float32)
+    exclude = np.asarray(joinids, np.int64)[sample]
+    typical = None
+    if heads is not None and levels:  # a supervised embedding: its types are compact, distance tells
+        first = layout.levels[0] if getattr(layout, "levels", None) else levels[0]
+        hits = searcher.search(layout.root.shards, queries, k_coarse, exclude=exclude)
+        typical = {"level": first, "k": int(k_coarse),
+                   "values": typical_similarity(hits.similarity, np.asarray(labels[first], dtype=str)[sample])}
     obs, _ = assign_labels(
-        np.ascontiguousarray(embeddings[sample], dtype=np.float32), np.ones(sample.size, bool), searcher,
-        layout, list(levels), k_coarse=k_coarse, k_fine=k_fine, thresholds=None,
-        exclude=np.asarray(joinids, np.int64)[sample],
+        queries, np.ones(sample.size, bool), searcher, layout, list(levels), k_coarse=k_coarse, k_fine=k_fine,
+        thresholds=None, exclude=exclude, heads=heads, typical=typical,
     )
     thresholds: dict[str, float | None] = {}
     accuracy: dict[str, float | None] = {}
@@ -79,4 +93,5 @@ def calibrate_thresholds(
         "k_fine": int(k_fine),
         "thresholds": thresholds,
         "loo_accuracy": accuracy,
+        **({"typical_similarity": typical} if typical else {}),
     }

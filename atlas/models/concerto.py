@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from atlas.models.config import ConcertoConfig
+from atlas.models.heads import LabelHeads
 from atlas.models.layers import UNSEEN_DOMAIN, DomainBatchNorm1d, MaskedAttentionPool, SparseLinear
 
 Batch = Mapping[str, torch.Tensor]
@@ -213,7 +214,8 @@ class Concerto(nn.Module):
     ``attention(batch, modality)`` → per-feature attention weights aligned with ``{m}_ids``.
     """
 
-    def __init__(self, config: ConcertoConfig, vocab_sizes: dict[str, int], n_domains: int):
+    def __init__(self, config: ConcertoConfig, vocab_sizes: dict[str, int], n_domains: int,
+                 n_classes: tuple[int, ...] = ()):
         super().__init__()
         self.config = config
         self.modalities = tuple(config.modalities)
@@ -229,6 +231,10 @@ class Concerto(nn.Module):
                 for m in self.modalities
             }
         )
+        # Heads on the teacher embedding, one per label level of the reference (none: unlabelled).
+        self.heads = LabelHeads(d, n_classes) if n_classes else None
+        self.head_weight = float(config.head_weight)
+        self.contrastive_weight = 1.0
 
     def _domain(self, batch: Batch) -> torch.Tensor:
         domain = batch["domain"].long()
@@ -270,16 +276,30 @@ class Concerto(nn.Module):
         t, s = views["teacher"][keep], views["student"][keep]
         if t.shape[0] < 2 and not self.config.gather_negatives:
             # No negatives: a zero loss that still touches the graph (DDP needs a backward).
-            loss = 0.0 * (t.sum() + s.sum())
+            contrastive = 0.0 * (t.sum() + s.sum())
         else:
-            loss = nt_xent(t, s, self.config.temperature, self.config.gather_negatives)
+            contrastive = nt_xent(t, s, self.config.temperature, self.config.gather_negatives)
+        loss = self.contrastive_weight * contrastive
+        out = {"contrastive": contrastive.detach()}
+        if self.heads is not None and "labels" in batch:
+            head_loss, _ = self.heads.loss(t, batch["labels"][keep])
+            loss = loss + self.head_weight * head_loss
+            out["head_loss"] = head_loss.detach()
         with torch.no_grad():
             pos = (F.normalize(t, dim=1) * F.normalize(s, dim=1)).sum(1).mean() if t.numel() else t.sum()
         return {
             "loss": loss,
+            **out,
             "n_cells": torch.tensor(float(t.shape[0]), device=t.device),
             "positive_cosine": pos,
         }
+
+    @torch.no_grad()
+    def head_probabilities(self, embedding: torch.Tensor) -> list[torch.Tensor]:
+        """Class probabilities [B, C] of every label level from teacher embeddings (none: no heads)."""
+        if self.heads is None:
+            return []
+        return [torch.softmax(logits.float(), dim=1) for logits in self.heads.logits(embedding)]
 
     @torch.no_grad()
     def embed(self, batch: Batch) -> torch.Tensor:

@@ -36,6 +36,12 @@ class ConcertoConfig:
     gather_negatives: bool = False
     #: Per-domain batch-norm statistics (batch effect removal); False = one set of statistics.
     domain_bn: bool = True
+    #: Weight of the label heads' cross-entropy beside the contrastive loss, when the build's
+    #: index levels carry labels (0: the reference labels are not used in training). 3 was best
+    #: of 0 / 0.3 / 1 / 3 / 10 on held-out reference cells and studies (benchmarks/validate_heads.py).
+    head_weight: float = 3.0
+    #: Class weights of the heads' cross-entropy: ``(n_c / n_max) ** -power`` (0: none, 1: balanced).
+    class_weight_power: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -106,11 +112,13 @@ def _check_modalities(modalities: tuple[str, ...], vocab_sizes: dict[str, int]) 
             raise ValueError(f"no vocabulary size for modality {m!r} (got {sorted(vocab_sizes)})")
 
 
-def build_model(config: ModelConfig, vocab_sizes: dict[str, int], n_domains: int) -> nn.Module:
+def build_model(config: ModelConfig, vocab_sizes: dict[str, int], n_domains: int,
+                n_classes: tuple[int, ...] = ()) -> nn.Module:
     """Build the model a config describes.
 
     ``vocab_sizes`` maps each modality to its vocabulary size (largest feature id + 1);
-    ``n_domains`` is the number of domains (batches/donors) in the build's domain list.
+    ``n_domains`` is the number of domains (batches/donors) in the build's domain list;
+    ``n_classes`` the number of classes of each label level (Concerto: one head each).
     A CVQVAE with ``input_view="pca_lsi"`` still needs ``model.fit_views(...)`` before training.
     """
     if isinstance(config, dict):
@@ -119,7 +127,7 @@ def build_model(config: ModelConfig, vocab_sizes: dict[str, int], n_domains: int
     if isinstance(config, ConcertoConfig):
         from atlas.models.concerto import Concerto
 
-        return Concerto(config, vocab_sizes, n_domains)
+        return Concerto(config, vocab_sizes, n_domains, tuple(n_classes))
     if isinstance(config, CVQVAEConfig):
         if len(config.modalities) != 2:
             raise ValueError(f"CVQVAE needs exactly two modalities, got {config.modalities}")
@@ -129,6 +137,14 @@ def build_model(config: ModelConfig, vocab_sizes: dict[str, int], n_domains: int
     raise TypeError(f"not a model config: {type(config).__name__}")
 
 
+def model_from_spec(spec: dict[str, Any]) -> nn.Module:
+    """The untrained model of an artifact's (or a build's) model section: ``config``,
+    ``vocab_sizes``, ``n_domains`` and, for a model with label heads, ``heads.classes``."""
+    heads = spec.get("heads") or {}
+    return build_model(config_from_dict(spec["config"]), {m: int(v) for m, v in spec["vocab_sizes"].items()},
+                       int(spec["n_domains"]), tuple(len(c) for c in heads.get("classes", ())))
+
+
 __all__ = [
     "ConcertoConfig",
     "CVQVAEConfig",
@@ -136,4 +152,5 @@ __all__ = [
     "build_model",
     "config_from_dict",
     "config_to_dict",
+    "model_from_spec",
 ]

@@ -43,7 +43,7 @@ def worker_config(
     build: BuildConfig,
     plan: ReadPlan,
     vocab_sizes: dict[str, int],
-    views_state: dict[str, torch.Tensor] | None = None,
+    initial_state: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """The ``train_loop_config`` of a build: small, picklable, without the plan's cell lists."""
     return {
@@ -52,7 +52,7 @@ def worker_config(
         "n_cells": plan.n_cells,
         "vocab_sizes": vocab_sizes,
         "n_domains": len(plan.domain_names),
-        "views_state": views_state,
+        "initial_state": initial_state,
     }
 
 
@@ -172,9 +172,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     if not torch.cuda.is_available():
         torch.set_num_threads(max(1, int(os.environ.get("ATLAS_TORCH_THREADS", "1"))))
 
-    model = build_model(build.model, cfg["vocab_sizes"], cfg["n_domains"])
-    if cfg.get("views_state"):
-        model.load_state_dict(cfg["views_state"], strict=False)
+    model = build_model(build.model, cfg["vocab_sizes"], cfg["n_domains"],
+                        tuple(len(c) for c in plan.label_classes))
+    if cfg.get("initial_state"):  # fitted on the driver: CVQVAE's input views, the heads' class weights
+        model.load_state_dict(cfg["initial_state"], strict=False)
     multimodal = len(build.model.modalities) > 1
     # broadcast_buffers=False: DDP would otherwise copy rank 0's normalisation statistics over
     # every worker's at each step, erasing the statistics of domains only other workers saw.

@@ -57,10 +57,30 @@ def run_name_for(build: BuildConfig, resume: bool) -> str:
     return f"{build.name}-{time.strftime('%Y%m%d-%H%M%S')}-{np.random.default_rng().integers(1 << 16):04x}"
 
 
+def uses_labels(build: BuildConfig) -> bool:
+    """Whether the build trains label heads: a Concerto model with a head weight and label levels."""
+    return bool(build.index.levels) and float(getattr(build.model, "head_weight", 0.0)) > 0
+
+
+def initial_state(build: BuildConfig, plan: ReadPlan, vocab_sizes: dict[str, int], n_domains: int) -> dict | None:
+    """Weights fitted on the driver before training: CVQVAE's input views, the heads' class weights."""
+    state = fit_views_state(build, plan, vocab_sizes, n_domains) or {}
+    if plan.label_levels:
+        from atlas.models.heads import class_weights
+
+        codes = np.concatenate([b.labels for b in plan.blocks if b.labels is not None])
+        for i, classes in enumerate(plan.label_classes):
+            counts = np.bincount(codes[:, i][codes[:, i] >= 0], minlength=len(classes))
+            state[f"heads.class_weight_{i}"] = torch.from_numpy(class_weights(counts, build.model.class_weight_power))
+    return state or None
+
+
 def fit_views_state(build: BuildConfig, plan: ReadPlan, vocab_sizes: dict[str, int], n_domains: int) -> dict | None:
     """Fit CVQVAE's PCA/LSI input views on a sample of reference cells (driver, bounded memory)."""
+    if getattr(build.model, "input_view", None) != "pca_lsi":
+        return None
     model = build_model(build.model, vocab_sizes, n_domains)
-    if not hasattr(model, "fit_views") or getattr(build.model, "input_view", None) != "pca_lsi":
+    if not hasattr(model, "fit_views"):
         return None
     joinids = np.concatenate([b.joinids for b in plan.blocks])
     rng = np.random.default_rng(build.train.seed)
@@ -74,14 +94,14 @@ def make_trainer(
     build: BuildConfig,
     plan: ReadPlan,
     vocab_sizes: dict[str, int],
-    views_state: dict | None,
+    initial: dict | None,
     run_name: str,
 ) -> TorchTrainer:
     """The TorchTrainer of a build: workers, failure handling, checkpoints and the data shard."""
     use_gpu = build.scaling.use_gpu if build.scaling.use_gpu is not None else cluster_has_gpus()
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=worker_config(build, plan, vocab_sizes, views_state),
+        train_loop_config=worker_config(build, plan, vocab_sizes, initial),
         scaling_config=ScalingConfig(
             num_workers=build.scaling.num_workers,
             use_gpu=use_gpu,
@@ -103,13 +123,13 @@ def train(
     plan: ReadPlan,
     vocab_sizes: dict[str, int],
     *,
-    views_state: dict | None = None,
+    initial: dict | None = None,
     resume: bool = False,
 ) -> TrainResult:
     """Train the build's model on the plan's cells with Ray Train; returns the final weights."""
     run_name = run_name_for(build, resume)
     start = time.perf_counter()
-    result = make_trainer(build, plan, vocab_sizes, views_state, run_name).fit()
+    result = make_trainer(build, plan, vocab_sizes, initial, run_name).fit()
     seconds = time.perf_counter() - start
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}") from result.error

@@ -116,6 +116,21 @@ def test_two_worker_concerto_build_produces_a_verified_artifact(pbmc, concerto_b
             continue  # the student is not used to embed; its deeper layers are only approximately exact
         mean = exact.sum[name][0] / exact.count[name][0]
         np.testing.assert_allclose(layer.running_mean[0].numpy(), mean.numpy(), rtol=1e-3, atol=1e-6)
+    # The index levels' labels reached the workers: one head per level, trained (head loss
+    # logged), and the heads mapping applies (heads.npz, numpy) are the model's. (One epoch of
+    # 16 steps per worker barely moves them; benchmarks/quality.py measures what they learn.)
+    heads = manifest["model"]["heads"]
+    assert heads["levels"] == ["cell_type_l1", "cell_type_l2"]
+    truth = cells.obs["cell_type_l1"].astype(str).to_numpy()
+    assert heads["classes"][0] == sorted(set(truth) - {"", "nan"})
+    assert all("head_loss" in step for step in history["steps"])
+    embedding = np.asarray(stored, dtype=np.float32)
+    in_model = model.head_probabilities(torch.from_numpy(embedding))
+    in_artifact = atlas_.heads().probabilities(embedding)
+    for level, p in zip(heads["levels"], in_model):
+        np.testing.assert_allclose(in_artifact[level], p.numpy(), rtol=1e-4, atol=1e-6)
+    typical = manifest["mapping"]["typical_similarity"]
+    assert typical["level"] == "cell_type_l1" and set(typical["values"]) <= set(heads["classes"][0])
     sample = np.arange(0, n, 97)
     counts = sp.csr_matrix(cells.X[sample], dtype=np.float32)
     with torch.no_grad():

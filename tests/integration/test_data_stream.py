@@ -66,6 +66,27 @@ def test_one_epoch_yields_every_cell_once_with_both_modalities_joined(mop_store,
         np.testing.assert_allclose(batch_to_dense(batch, modality, sizes[modality]).numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("single_domain", [False, True])
+def test_label_codes_reach_the_batches_with_their_cells(mop_store, ray_local, single_domain):
+    """Label heads learn from these codes: through Ray Data's blocks, the local shuffle buffer and
+    single-domain slicing, every cell must keep its own label."""
+    config = StreamConfig(modalities=("RNA",), batch_size=128, block_size=2048, shuffle=True,
+                          single_domain=single_domain)
+    plan = build_plan(mop_store, config, label_levels=("cell_type_coarse",))
+    exp = open_experiment(plan.uri)
+    obs = exp.obs.read(column_names=["soma_joinid", "cell_type_coarse"]).concat().to_pandas()
+    truth = obs.set_index("soma_joinid")["cell_type_coarse"].astype(str)
+    assert plan.label_classes == (tuple(sorted(set(truth) - {""})),)
+    seen = 0
+    for batch in iter_batches(make_dataset(plan), plan, shuffle_buffer=512):
+        codes = batch["labels"].numpy()
+        assert codes.shape == (batch["soma_joinid"].numel(), 1)
+        names = np.asarray(plan.label_classes[0] + ("",))[codes[:, 0]]  # -1 → ""
+        np.testing.assert_array_equal(names, truth.loc[batch["soma_joinid"].numpy()].to_numpy())
+        seen += codes.shape[0]
+    assert seen == 10_309
+
+
 def test_single_domain_minibatches(mop_store, ray_local):
     config = StreamConfig(modalities=("RNA",), batch_size=64, block_size=1024, single_domain=True)
     plan = build_plan(mop_store, config)

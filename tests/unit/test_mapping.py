@@ -183,24 +183,30 @@ def test_leave_one_out_search_skips_the_query_cell_itself():
     np.testing.assert_array_equal(loo.soma_joinid, search_shard(shard, x[:5], 4).soma_joinid[:, 1:])
 
 
-def test_calibration_threshold_rejects_about_the_requested_fraction():
+def _three_types(seed: int, n: int, dim: int, spread: float):
+    """Cells of three types A/B/C around random centres, indexed in memory: (emb, labels, layout, searcher)."""
     from atlas.index.shards import build_hierarchy
-    from atlas.mapping.calibrate import calibrate_thresholds
-    from atlas.mapping.query import assign_labels
     from atlas.mapping.search import LocalSearcher
 
-    rng = np.random.default_rng(1)
-    centers = rng.normal(size=(3, 16)) * 2
-    truth = rng.integers(0, 3, 600)
-    emb = (centers[truth] + rng.normal(size=(600, 16))).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(3, dim)) * spread
+    truth = rng.integers(0, 3, n)
+    emb = (centers[truth] + rng.normal(size=(n, dim))).astype(np.float32)
     labels = {"l1": np.array(["A", "B", "C"])[truth]}
-    layout = build_hierarchy(emb, np.arange(600), labels, ["l1"], None, np.full(600, "d"), use_gpu=False)
+    layout = build_hierarchy(emb, np.arange(n), labels, ["l1"], None, np.full(n, "d"), use_gpu=False)
 
     class InMemory:  # the layout's shards, built without out_dir
         def shard(self, name, **_):
             return layout.shards[name]
 
-    searcher = LocalSearcher(InMemory())
+    return emb, labels, layout, LocalSearcher(InMemory())
+
+
+def test_calibration_threshold_rejects_about_the_requested_fraction():
+    from atlas.mapping.calibrate import calibrate_thresholds
+    from atlas.mapping.query import assign_labels
+
+    emb, labels, layout, searcher = _three_types(1, 600, 16, 2)
     out = calibrate_thresholds(emb, np.arange(600), labels, searcher, layout, ["l1"],
                                rejection_rate=0.1, max_cells=600)
     obs, _ = assign_labels(emb, np.ones(600, bool), searcher, layout, ["l1"], exclude=np.arange(600))
@@ -253,3 +259,43 @@ def test_a_cell_with_no_counts_is_unknown_with_confidence_zero_wherever_it_sits(
             np.testing.assert_allclose(out.obs[f"{lv}_confidence"].iloc[rest], alone.obs[f"{lv}_confidence"], rtol=1e-5)
         np.testing.assert_allclose(out.obsm["protein_pred"].to_numpy()[rest], alone.obsm["protein_pred"].to_numpy(),
                                    rtol=1e-5)
+
+
+def test_heads_scale_the_vote_share_by_the_probability_of_the_voted_label():
+    from atlas.mapping.heads import Heads
+    from atlas.mapping.query import assign_labels
+
+    emb, _, layout, searcher = _three_types(2, 300, 8, 3)
+    plain, _ = assign_labels(emb, np.ones(300, bool), searcher, layout, ["l1"])
+    # A head that is uniform over A and B and has no class C: C gets probability 0.
+    uniform = Heads(("l1",), (("A", "B"),), ((np.zeros((2, 8), np.float32), np.zeros(2, np.float32)),))
+    scaled, _ = assign_labels(emb, np.ones(300, bool), searcher, layout, ["l1"], heads=uniform)
+    assert (scaled["l1_pred"] == plain["l1_pred"]).all()  # the vote decides the label
+    is_c = plain["l1_pred"].to_numpy() == "C"
+    np.testing.assert_allclose(scaled["l1_confidence"][~is_c], plain["l1_confidence"][~is_c] / 2, rtol=1e-6)
+    assert (scaled["l1_confidence"][is_c] == 0).all()
+    # A type whose reference cells sit much closer to each other than these cells sit to them:
+    # its confidences shrink by that ratio; types without a typical value keep theirs.
+    is_a = plain["l1_pred"].to_numpy() == "A"
+    far, _ = assign_labels(emb, np.ones(300, bool), searcher, layout, ["l1"],
+                           typical={"level": "l1", "values": {"A": 1e6}})
+    assert (far["l1_confidence"][is_a] < 1e-5).all()
+    np.testing.assert_array_equal(far["l1_confidence"][~is_a], plain["l1_confidence"][~is_a])
+    near, _ = assign_labels(emb, np.ones(300, bool), searcher, layout, ["l1"],
+                            typical={"level": "l1", "values": {"A": 1e-6, "B": 1e-6, "C": 1e-6}})
+    np.testing.assert_array_equal(near["l1_confidence"], plain["l1_confidence"])  # capped at 1
+    # A head for another level leaves this level's vote share alone.
+    other = Heads(("l2",), (("x",),), ((np.zeros((1, 8), np.float32), np.zeros(1, np.float32)),))
+    same, _ = assign_labels(emb, np.ones(300, bool), searcher, layout, ["l1"], heads=other)
+    np.testing.assert_array_equal(same["l1_confidence"], plain["l1_confidence"])
+
+
+def test_relative_and_typical_similarity():
+    from atlas.mapping.confidence import neighbour_similarity, relative_similarity, typical_similarity
+
+    sims = np.array([[0.9, 0.7, -np.inf], [0.5, 0.5, 0.5], [-np.inf, -np.inf, -np.inf]], np.float32)
+    np.testing.assert_allclose(neighbour_similarity(sims), [0.8, 0.5, 0.0], rtol=1e-6)
+    typical = typical_similarity(sims, np.array(["A", "A", ""]))
+    assert typical == {"A": pytest.approx(0.65)}
+    got = relative_similarity(np.array([0.325, 0.9, 0.1]), np.array(["A", "A", "Z"]), typical)
+    np.testing.assert_allclose(got, [0.5, 1.0, 1.0])
