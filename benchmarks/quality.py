@@ -11,8 +11,10 @@ Tasks (fixed seeds, splits written to files, nothing tuned on a query split):
    build and mapping time.
 4. ``mop`` — SNARE-seq RNA + ATAC: scIB integration scores of CVQVAE, its no-VQ ablation,
    Concerto multimodal / RNA-only, PCA, Harmony, scVI; ATAC prediction from RNA.
+5. ``liao`` — COVID-19 lung lavage, whole transcriptome, two patients → the third: label transfer
+   at two levels, Concerto vs PCA + kNN vs CellTypist vs scANVI (scArches).
 
-    python benchmarks/quality.py                  # all four (≈ 1–1.5 h on 2 cores)
+    python benchmarks/quality.py                  # all five (≈ 1–1.5 h on 2 cores)
     python benchmarks/quality.py --tasks pbmc10k,adtnorm
     python benchmarks/quality.py --quick          # tiny epochs and subsamples: a smoke test
 
@@ -33,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # `atlas` is this checkout's
 sys.path.insert(0, str(HERE))
 
-TASKS = ("pbmc10k", "asap_cite", "adtnorm", "mop")
+TASKS = ("pbmc10k", "asap_cite", "adtnorm", "mop", "liao")
 
 
 def main() -> None:

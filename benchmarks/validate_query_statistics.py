@@ -52,6 +52,33 @@ def _scores(mapped, truth: pd.DataFrame) -> dict:
     return out
 
 
+def reference_split():
+    """``(train AnnData, validation AnnData, validation study names)``: task 3's reference studies,
+    two of them (drawn with seed 1) held out; task 3's query studies are dropped unread."""
+    adata = ad.read_h5ad(data_file(FILE))
+    studies = sorted(adata.obs["study_name"].astype(str).unique())
+    query_studies = set(np.random.default_rng(SEED).choice(studies, HELD_OUT, replace=False).tolist())
+    reference_studies = [s for s in studies if s not in query_studies]
+    validation = sorted(np.random.default_rng(1).choice(reference_studies, 2, replace=False).tolist())
+    study = adata.obs["study_name"].astype(str)
+    train = adata[study.isin([s for s in reference_studies if s not in validation]).to_numpy()].copy()
+    held = adata[study.isin(validation).to_numpy()].copy()
+    return train, held, validation
+
+
+def build_task_atlas(out: Path, name: str, train, model: dict | None = None) -> dict:
+    """An atlas of ``train`` with task 3's settings (2 epochs, batch 256, 2 workers); ``model``
+    overrides model-config keys."""
+    return build_atlas_from(
+        out, name, train,
+        ingest_kwargs={"modality": "protein", "batch_key": "batch", "label_keys": {lv: lv for lv in LEVELS},
+                       "unlabeled": ("undefined",), "species": "human"},
+        config={"model": {"model": "concerto", "modalities": ["protein"], **(model or {})},
+                "data": {"batch_size": 256, "single_domain": True, "domain_key": "batch"},
+                "train": {"epochs": 2, "lr": 1e-3, "checkpoint_every": 500, "seed": 0},
+                "scaling": {"num_workers": 2, "use_gpu": False}, "index": {"levels": LEVELS}})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out" / "query_statistics")
@@ -61,30 +88,15 @@ def main() -> None:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
 
-    adata = ad.read_h5ad(data_file(FILE))
-    studies = sorted(adata.obs["study_name"].astype(str).unique())
-    query_studies = set(np.random.default_rng(SEED).choice(studies, HELD_OUT, replace=False).tolist())
-    reference_studies = [s for s in studies if s not in query_studies]
-    validation = sorted(np.random.default_rng(1).choice(reference_studies, 2, replace=False).tolist())
-    study = adata.obs["study_name"].astype(str)
-    train = adata[study.isin([s for s in reference_studies if s not in validation]).to_numpy()].copy()
-    held = adata[study.isin(validation).to_numpy()].copy()
-    del adata
-    print(f"train on {train.n_obs:,} cells of {len(reference_studies) - 2} reference studies; validate on "
+    train, held, validation = reference_split()
+    print(f"train on {train.n_obs:,} cells of {train.obs['study_name'].nunique()} reference studies; validate on "
           f"{held.n_obs:,} cells of {validation} ({held.obs['batch'].nunique()} batches)", flush=True)
 
     import ray
 
     start_ray(2)
     try:
-        built = {"artifact": str(args.atlas), "build_s": 0.0} if args.atlas else build_atlas_from(
-            out, "train", train,
-            ingest_kwargs={"modality": "protein", "batch_key": "batch", "label_keys": {lv: lv for lv in LEVELS},
-                           "unlabeled": ("undefined",), "species": "human"},
-            config={"model": {"model": "concerto", "modalities": ["protein"]},
-                    "data": {"batch_size": 256, "single_domain": True, "domain_key": "batch"},
-                    "train": {"epochs": 2, "lr": 1e-3, "checkpoint_every": 500, "seed": 0},
-                    "scaling": {"num_workers": 2, "use_gpu": False}, "index": {"levels": LEVELS}})
+        built = {"artifact": str(args.atlas), "build_s": 0.0} if args.atlas else build_task_atlas(out, "train", train)
     finally:
         ray.shutdown()
 

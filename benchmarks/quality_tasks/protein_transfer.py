@@ -1,4 +1,4 @@
-"""Label transfer on a protein panel, reference batches/studies → held-out ones (tasks 2 and 3).
+"""Label transfer, reference batches/studies/patients → held-out ones (tasks 2, 3: protein panels; 5: RNA).
 
 Methods on the same reference and query cells: a Concerto protein atlas (ingested with its
 batches, built with Ray, mapped with ``map_query``), PCA + kNN, CellTypist, and scANVI with
@@ -45,6 +45,14 @@ def protein_query(adata, batch_key: str | None = None) -> ad.AnnData:
     return ad.AnnData(obs=obs, obsm={"protein": frame})
 
 
+def rna_query(adata, batch_key: str | None = None) -> ad.AnnData:
+    """The query as ``map_query`` reads an RNA query: counts in ``X`` (and the batch column)."""
+    obs = pd.DataFrame(index=adata.obs_names.astype(str))
+    if batch_key is not None:
+        obs[batch_key] = adata.obs[batch_key].astype(str).to_numpy()
+    return ad.AnnData(X=adata.X.copy(), obs=obs, var=pd.DataFrame(index=adata.var_names.astype(str)))
+
+
 def scvi_epoch_seconds(reference, batch) -> float:
     """One scVI epoch on the reference (to project what scvi-tools' default budget would cost)."""
     scvi = peers._quiet()
@@ -58,7 +66,7 @@ def scvi_epoch_seconds(reference, batch) -> float:
 
 def run_task(out: Path, *, title: str, adata, is_ref: np.ndarray, levels: list[str], batch_key: str,
              unlabeled: tuple[str, ...], epochs: int, batch_size: int, run_scanvi: bool, split_note: str,
-             quick: bool) -> dict:
+             quick: bool, modality: str = "protein") -> dict:
     started, load_start = time.perf_counter(), os.getloadavg()
     out.mkdir(parents=True, exist_ok=True)
     reference, query_cells = adata[is_ref].copy(), adata[~is_ref].copy()
@@ -77,7 +85,7 @@ def run_task(out: Path, *, title: str, adata, is_ref: np.ndarray, levels: list[s
     mapped = baseline.map(query_cells)
     methods["PCA + kNN"] = {**from_mapped(mapped, levels), "fit_s": fit_s, "map_s": time.perf_counter() - t}
 
-    say(f"{title}: Concerto protein atlas ({epochs} epochs, batch {batch_size}, 2 Ray Train workers)")
+    say(f"{title}: Concerto {modality} atlas ({epochs} epochs, batch {batch_size}, 2 Ray Train workers)")
     import ray
 
     t = time.perf_counter()
@@ -86,9 +94,9 @@ def run_task(out: Path, *, title: str, adata, is_ref: np.ndarray, levels: list[s
     try:
         built = build_atlas_from(
             out, "reference", reference,
-            ingest_kwargs={"modality": "protein", "batch_key": batch_key, "label_keys": {lv: lv for lv in levels},
+            ingest_kwargs={"modality": modality.lower(), "batch_key": batch_key, "label_keys": {lv: lv for lv in levels},
                            "unlabeled": unlabeled, "species": "human"},
-            config={"model": {"model": "concerto", "modalities": ["protein"]},
+            config={"model": {"model": "concerto", "modalities": [modality]},
                     "data": {"batch_size": batch_size, "single_domain": True, "domain_key": batch_key},
                     "train": {"epochs": epochs, "lr": 1e-3, "checkpoint_every": 500, "seed": 0},
                     "scaling": {"num_workers": 2, "use_gpu": False},
@@ -98,7 +106,7 @@ def run_task(out: Path, *, title: str, adata, is_ref: np.ndarray, levels: list[s
     # As a user who knows the query's batches maps (batch_key; the default domain_statistics
     # "input"), the same with every normalisation layer adapted ("all"), and without batch_key
     # (the reference's average statistics: what mapping did before query statistics).
-    query = protein_query(query_cells, batch_key)
+    query = protein_query(query_cells, batch_key) if modality == "protein" else rna_query(query_cells, batch_key)
     for name, options in (("Concerto atlas", {"batch_key": batch_key}),
                           ("Concerto, all layers per batch", {"batch_key": batch_key, "domain_statistics": "all"}),
                           ("Concerto, no batch_key", {})):
