@@ -96,8 +96,9 @@ def run_task(out: Path, *, title: str, adata, is_ref: np.ndarray, levels: list[s
             out, "reference", reference,
             ingest_kwargs={"modality": modality.lower(), "batch_key": batch_key, "label_keys": {lv: lv for lv in levels},
                            "unlabeled": unlabeled, "species": "human"},
+            # The store keeps the source's batch_key column as obs "batch" (the domains).
             config={"model": {"model": "concerto", "modalities": [modality]},
-                    "data": {"batch_size": batch_size, "single_domain": True, "domain_key": batch_key},
+                    "data": {"batch_size": batch_size, "single_domain": True, "domain_key": "batch"},
                     "train": {"epochs": epochs, "lr": 1e-3, "checkpoint_every": 500, "seed": 0},
                     "scaling": {"num_workers": 2, "use_gpu": False},
                     "index": {"levels": levels}})
