@@ -31,7 +31,8 @@ from atlas.data.reader import open_experiment
 from atlas.embed import embed_dataset, iter_embeddings, recalibrate
 from atlas.index.shards import build_hierarchy
 from atlas.mapping.heads import read_heads, write_heads
-from atlas.models.config import config_to_dict
+from atlas.models.concerto import embedding_head_weights
+from atlas.models.config import ConcertoConfig, config_to_dict
 from atlas.names import store_embedding
 from atlas.staging import staged_output
 from atlas.stopping import rearm
@@ -228,7 +229,9 @@ def build_atlas(build: BuildConfig, *, resume: bool = False, overwrite: bool = F
         log(f"[build] index: {layout.mode} layout, {len(layout.shard_names())} shard(s) in {seconds['index']:.1f} s")
         heads = None
         if plan.label_levels:
-            model_spec["heads"] = write_heads(staging, model_state, plan.label_levels, plan.label_classes)
+            assert isinstance(build.model, ConcertoConfig)  # uses_labels: only Concerto has heads
+            weights = embedding_head_weights(build.model, model_state, len(plan.label_levels))
+            model_spec["heads"] = write_heads(staging, weights, plan.label_levels, plan.label_classes)
             heads = read_heads(staging, {"model": model_spec})
         mapping = _calibrate(build, layout, staging / "shards", embeddings, joinids, obs, levels, log, heads)
         torch.save(model_state, staging / "model.pt")
@@ -275,7 +278,7 @@ def _calibrate(build: BuildConfig, layout, shards_dir: Path, embeddings: np.ndar
     mapping = calibrate_thresholds(
         embeddings, joinids, labels, LocalSearcher(ShardFolder(shards_dir)), layout, levels,
         rejection_rate=build.index.rejection_rate, max_cells=build.index.calibration_cells,
-        seed=build.train.seed, heads=heads,
+        seed=build.train.seed, heads=heads, vote_balance=build.index.vote_balance,
     )
     shown = ", ".join(f"{lv} {v:.3f}" for lv, v in mapping["thresholds"].items() if v is not None)
     acc = ", ".join(f"{lv} {v:.3f}" for lv, v in mapping["loo_accuracy"].items() if v is not None)

@@ -180,7 +180,9 @@ def run_task(name: str, loader, variants: dict) -> dict:
             for i in range(len(levels)):
                 cw = class_weights(np.bincount(codes[tr, i][codes[tr, i] >= 0], minlength=len(classes[i])),
                                    v.get("power", 0.5))
-                model.heads.class_weight(i).copy_(torch.from_numpy(cw))
+                for heads in (model.heads, model.student_heads):
+                    if heads is not None:
+                        heads.class_weight(i).copy_(torch.from_numpy(cw))
         t = time.perf_counter()
         for phase in v["phases"]:
             model.head_weight = phase.get("head_weight", 0.0)
@@ -203,22 +205,29 @@ def run_task(name: str, loader, variants: dict) -> dict:
     return results
 
 
+def as_unseen_query(model, batch):
+    """``(adapted model, batch)``: ``batch``'s cells as one query domain the model never saw, with
+    its own input statistics (the mapping default, ``layers="input"``)."""
+    from atlas.models.recalibrate import with_query_domains
+    from atlas.train.step import minibatches
+
+    def as_query(cells, offset):
+        return {**cells, "domain": torch.full_like(cells["domain"], offset)}
+
+    def forward(adapted, offset):
+        for b in minibatches(batch, 1024, shuffle=False, drop_last=False):
+            adapted.embed(as_query(b, offset))
+
+    adapted, offset = with_query_domains(model, 1, forward, layers="input")
+    return adapted, as_query(batch, offset)
+
+
 def embed_validation(model, val_batch, variant) -> np.ndarray:
     """Validation cells embedded as a query: with their own statistics when their domain is unseen."""
     if bool((val_batch["domain"] >= 0).all()):
         return model.embed(val_batch).numpy()
-    from atlas.models.recalibrate import with_query_domains
-    from atlas.train.step import minibatches
-
-    def as_query(batch, offset):
-        return {**batch, "domain": torch.full_like(batch["domain"], offset)}
-
-    def forward(adapted, offset):
-        for b in minibatches(val_batch, 1024, shuffle=False, drop_last=False):
-            adapted.embed(as_query(b, offset))
-
-    adapted, offset = with_query_domains(model, 1, forward, layers="input")
-    return adapted.embed(as_query(val_batch, offset)).numpy()
+    adapted, batch = as_unseen_query(model, val_batch)
+    return adapted.embed(batch).numpy()
 
 
 VARIANTS = {
@@ -296,7 +305,9 @@ def run_rejection(held_out_types=("NK", "B"), head_weights=(1.0,)) -> dict:
             if heads:
                 for i in range(len(levels)):
                     cw = class_weights(np.bincount(codes[tr, i][codes[tr, i] >= 0], minlength=len(classes[i])), 0.5)
-                    model.heads.class_weight(i).copy_(torch.from_numpy(cw))
+                    for h in (model.heads, model.student_heads):
+                        if h is not None:
+                            h.class_weight(i).copy_(torch.from_numpy(cw))
             fit_local(model, lambda e, b=train_batch: minibatches(b, BATCH, seed=e, by_domain=True), EPOCHS, LR,
                       steps_per_epoch=max(1, tr.size // BATCH))
             emb_ref, emb_val = model.embed(train_batch).numpy(), model.embed(val_batch).numpy()

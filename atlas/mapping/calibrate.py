@@ -25,6 +25,7 @@ import numpy as np
 from atlas.mapping.confidence import typical_similarity
 from atlas.mapping.query import assign_labels
 from atlas.mapping.search import Searcher
+from atlas.mapping.vote import balance_weights
 from atlas.names import UNKNOWN, confidence_key, pred_key
 
 METHOD = "leave-one-out confidence quantile"
@@ -44,6 +45,7 @@ def calibrate_thresholds(
     k_fine: int = 5,
     seed: int = 0,
     heads: Any = None,
+    vote_balance: float = 0.0,
 ) -> dict[str, Any]:
     """Per-level thresholds from up to ``max_cells`` reference cells mapped leave-one-out.
 
@@ -53,10 +55,15 @@ def calibrate_thresholds(
     cells to their ``k_coarse`` nearest other reference cells).
     Returns the manifest's ``mapping`` section: ``thresholds`` (level → float, None when
     no labelled cell was sampled), ``loo_accuracy`` (level → accuracy of the leave-one-out vote
-    before rejection), ``rejection_rate``, ``n_cells``, ``k_coarse``, ``k_fine``, ``method``.
+    before rejection), ``rejection_rate``, ``n_cells``, ``k_coarse``, ``k_fine``, ``method`` and,
+    with ``vote_balance`` > 0, ``vote_balance`` (``{"power", "counts": level → label → labelled
+    reference cells}``: each neighbour's vote is weighted by ``(n_c / n_max) ** -power``, here
+    and at mapping).
     """
     if not 0.0 <= rejection_rate < 1.0:
         raise ValueError(f"rejection_rate must be in [0, 1), got {rejection_rate}")
+    if not vote_balance >= 0:
+        raise ValueError(f"vote_balance must be >= 0 (0: a plain vote), got {vote_balance}")
     n = embeddings.shape[0]
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(n, size=min(n, max_cells), replace=False))
@@ -68,9 +75,18 @@ def calibrate_thresholds(
         hits = searcher.search(layout.root.shards, queries, k_coarse, exclude=exclude)
         typical = {"level": first, "k": int(k_coarse),
                    "values": typical_similarity(hits.similarity, np.asarray(labels[first], dtype=str)[sample])}
+    balance_entry: dict[str, Any] | None = None
+    balance: dict[str, dict[str, float]] | None = None
+    if vote_balance > 0 and levels:
+        counts: dict[str, dict[str, int]] = {}
+        for level in levels:
+            values, n_cells = np.unique(np.asarray(labels[level], dtype=str), return_counts=True)
+            counts[level] = {str(v): int(c) for v, c in zip(values, n_cells) if v != ""}
+        balance_entry = {"power": float(vote_balance), "counts": counts}
+        balance = {lv: balance_weights(c, vote_balance) for lv, c in counts.items()}
     obs, _ = assign_labels(
         queries, np.ones(sample.size, bool), searcher, layout, list(levels), k_coarse=k_coarse, k_fine=k_fine,
-        thresholds=None, exclude=exclude, heads=heads, typical=typical,
+        thresholds=None, exclude=exclude, heads=heads, typical=typical, balance=balance,
     )
     thresholds: dict[str, float | None] = {}
     accuracy: dict[str, float | None] = {}
@@ -94,4 +110,5 @@ def calibrate_thresholds(
         "thresholds": thresholds,
         "loo_accuracy": accuracy,
         **({"typical_similarity": typical} if typical else {}),
+        **({"vote_balance": balance_entry} if balance_entry else {}),
     }

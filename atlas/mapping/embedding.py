@@ -82,6 +82,6 @@ def forward(aligned: Mapping[str, sp.csr_matrix], model: Any, domains: np.ndarra
             chunks.append(model.embed(batch).float().cpu().numpy())
             for target, source in decode.items():
                 decoded[target].append(model.predict_other(batch, source)["features"].float().cpu().numpy())
-    dim = model.config.embed_dim if hasattr(model.config, "embed_dim") else model.config.latent_dim
+    dim = getattr(model, "embedding_dim", None) or model.config.latent_dim
     emb = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
     return emb.astype(np.float32), {m: np.concatenate(v).astype(np.float32) for m, v in decoded.items() if v}

@@ -56,16 +56,16 @@ class Heads:
         return np.where(codes >= 0, probabilities[rows, np.maximum(codes, 0)], 0.0).astype(np.float32)
 
 
-def write_heads(folder: Path, state: Mapping[str, Any], levels: Sequence[str],
+def write_heads(folder: Path, weights: Sequence[tuple[np.ndarray, np.ndarray]], levels: Sequence[str],
                 classes: Sequence[Sequence[str]]) -> dict[str, Any]:
-    """Save the heads of a trained model's ``state`` (``heads.linears.{i}.weight|bias``) to
-    ``folder/heads.npz``; returns the manifest entry."""
+    """Save each level's head over the cell embedding, ``(weight [C, D], bias [C])`` (the model's
+    ``embedding_head_weights``), to ``folder/heads.npz``; returns the manifest entry."""
+    if len(weights) != len(levels):
+        raise ValueError(f"{len(weights)} heads for {len(levels)} levels")
     arrays = {}
-    for i in range(len(levels)):
-        for part in ("weight", "bias"):
-            value = state[f"heads.linears.{i}.{part}"]
-            arrays[f"{part}_{i}"] = np.asarray(value.detach().cpu().float().numpy() if hasattr(value, "detach") else value,
-                                               dtype=np.float32)
+    for i, (weight, bias) in enumerate(weights):
+        arrays[f"weight_{i}"] = np.asarray(weight, dtype=np.float32)
+        arrays[f"bias_{i}"] = np.asarray(bias, dtype=np.float32)
         if arrays[f"weight_{i}"].shape[0] != len(classes[i]):
             raise ValueError(f"head {levels[i]} has {arrays[f'weight_{i}'].shape[0]} outputs for {len(classes[i])} classes")
     np.savez(Path(folder) / HEADS_FILE, **arrays)

@@ -45,7 +45,7 @@ from atlas.mapping.embedding import embed_prepared, local_embed, max_features_of
 from atlas.mapping.heads import Heads
 from atlas.mapping.params import PREDICT_METHODS, MapParams  # noqa: F401 (PREDICT_METHODS: re-exported)
 from atlas.mapping.search import Hits, LocalSearcher, Searcher
-from atlas.mapping.vote import weighted_vote
+from atlas.mapping.vote import balance_weights, weighted_vote
 from atlas.names import (
     EMBEDDING,
     NEIGHBORS_JOINID,
@@ -164,7 +164,8 @@ def assign_labels(emb: np.ndarray, has_data: np.ndarray, searcher: Searcher, lay
                   levels: Sequence[str], *, k_coarse: int = 25, k_fine: int = 5,
                   thresholds: float | Mapping[str, float] | None = None,
                   exclude: np.ndarray | None = None, heads: Heads | None = None,
-                  typical: Mapping[str, Any] | None = None) -> tuple[pd.DataFrame, Hits]:
+                  typical: Mapping[str, Any] | None = None,
+                  balance: Mapping[str, Mapping[str, float]] | None = None) -> tuple[pd.DataFrame, Hits]:
     """Vote every level of ``levels`` (coarse → fine in a hierarchy; flat for hash layouts).
 
     Returns the obs columns (``{level}_pred``, ``_confidence``, ``_unknown``; default index)
@@ -179,7 +180,11 @@ def assign_labels(emb: np.ndarray, has_data: np.ndarray, searcher: Searcher, lay
     wrong label (a high vote share); the head is less sure of it and the cell sits farther from
     that type's cells than they sit from each other. Leave-one-type-out validation on the
     reference (``benchmarks/validate_heads.py``): AUROC 0.90 against 0.59 for the vote share alone.
+
+    ``balance`` (level → label → vote factor, :func:`~atlas.mapping.vote.balance_weights`)
+    weights each neighbour's vote by how rare its label is in the reference.
     """
+    balance = balance or {}
     n = emb.shape[0]
     root = layout.root
     obs = pd.DataFrame(index=pd.RangeIndex(n))
@@ -211,10 +216,12 @@ def assign_labels(emb: np.ndarray, has_data: np.ndarray, searcher: Searcher, lay
 
     if layout.mode != "hierarchy":  # hash layout: every level voted from the same neighbours
         if relative_to is not None and typical is not None and typical["level"] in coarse.labels:
-            first, _ = weighted_vote(coarse.labels[typical["level"]], coarse.similarity, positions=coarse.position)
+            first, _ = weighted_vote(coarse.labels[typical["level"]], coarse.similarity, positions=coarse.position,
+                                     label_weight=balance.get(typical["level"]))
             factor = relative_similarity(closeness, first, relative_to)
         for level in levels:
-            pred, conf = weighted_vote(coarse.labels[level], coarse.similarity, positions=coarse.position)
+            pred, conf = weighted_vote(coarse.labels[level], coarse.similarity, positions=coarse.position,
+                                       label_weight=balance.get(level))
             decide(level, pred, conf, np.zeros(n, bool))
         return obs, coarse
 
@@ -233,7 +240,8 @@ def assign_labels(emb: np.ndarray, has_data: np.ndarray, searcher: Searcher, lay
                 node = layout.node(node_name)
                 hits = searcher.search(node.shards, emb[rows], k_fine,
                                        exclude=None if exclude is None else exclude[rows])
-            p, c = weighted_vote(hits.labels[level], hits.similarity, positions=hits.position)
+            p, c = weighted_vote(hits.labels[level], hits.similarity, positions=hits.position,
+                                 label_weight=balance.get(level))
             pred[rows], conf[rows] = p, c
         parent_unknown = decide(level, pred.astype(str), conf, ~routed | parent_unknown)
         if depth + 1 < len(depth_levels):
@@ -385,8 +393,10 @@ def run_mapping(
     emb, decoded = embed(aligned, decode, domains)
     heads = atlas.heads()
     typical = (atlas.manifest.get("mapping") or {}).get("typical_similarity")
+    balance = vote_balance(atlas.manifest)
     labels, coarse = assign_labels(emb, has_data, searcher, layout, levels, k_coarse=params.k_coarse,
-                                   k_fine=params.k_fine, thresholds=thresholds, heads=heads, typical=typical)
+                                   k_fine=params.k_fine, thresholds=thresholds, heads=heads, typical=typical,
+                                   balance=balance)
     profiles = predict_profiles(coarse, searcher, knn_targets)
     decoded_frames = {m: pd.DataFrame(v, columns=atlas.vocabulary[m]) for m, v in decoded.items()}
     empty = np.flatnonzero(~has_data)
@@ -394,9 +404,18 @@ def run_mapping(
         frame.iloc[empty] = np.nan  # predicted from nothing: not measured, not a prediction
     uns = {"atlas": {**mapping_uns(atlas.manifest, reports, levels, params, thresholds, int((~has_data).sum())),
                      "query_domains": domain_report,
-                     "confidence": confidence_rule(levels, heads, typical)}}
+                     "confidence": confidence_rule(levels, heads, typical),
+                     "vote_balance": (atlas.manifest.get("mapping") or {}).get("vote_balance", {}).get("power", 0.0)}}
     return assemble(adata.obs_names if obs_names is None else obs_names, emb, labels, profiles, decoded_frames,
                     coarse if params.return_neighbors else None, uns)
+
+
+def vote_balance(manifest: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """Level → label → vote factor from the manifest's ``mapping.vote_balance`` (``{"power",
+    "counts": {level: {label: cells}}}``, written at build time); empty: a plain vote."""
+    entry = (manifest.get("mapping") or {}).get("vote_balance") or {}
+    power = float(entry.get("power", 0.0))
+    return {lv: balance_weights(counts, power) for lv, counts in (entry.get("counts") or {}).items()} if power else {}
 
 
 def plan_predictions(manifest: Mapping[str, Any], profile_modalities: Sequence[str], have: Sequence[str],

@@ -7,12 +7,28 @@ largest total weight; confidence is its share of the voting weight (in [0, 1]). 
 label of the most similar neighbour among the tied labels, then to the first label in sorted
 order (deterministic). When every voting neighbour has a similarity ≤ 0 the neighbours count
 equally. A cell without any voting neighbour gets the ignored label and confidence 0.
+
+``label_weight`` (label → factor, 1 for a label it lacks) also scales each neighbour's vote by its
+label's factor: :func:`balance_weights` gives ``(n_c / n_max) ** -power`` from the reference's
+cells per label, so a rare type's few cells are not outvoted by an abundant neighbour type.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import scipy.sparse as sp
+
+
+def balance_weights(counts: Mapping[str, int], power: float) -> dict[str, float]:
+    """Vote factor per label, ``(n_c / n_max) ** -power`` (0: plain vote, 1: each type's cells
+    count as if every type had as many), from the reference's labelled cells per label."""
+    have = {str(k): int(v) for k, v in counts.items() if int(v) > 0}
+    if not have or power == 0:
+        return {k: 1.0 for k in have}
+    top = max(have.values())
+    return {k: float((v / top) ** -float(power)) for k, v in have.items()}
 
 
 def weighted_vote(
@@ -20,6 +36,7 @@ def weighted_vote(
     similarities: np.ndarray,
     ignore: str = "",
     positions: np.ndarray | None = None,
+    label_weight: Mapping[str, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(pred str [n], confidence float32 [n])`` from ``[n, k]`` labels and similarities."""
     labels = np.asarray(neighbor_labels, dtype=str)
@@ -41,6 +58,10 @@ def weighted_vote(
     classes, codes = np.unique(labels, return_inverse=True)
     codes = codes.reshape(labels.shape)
     n_classes = classes.size
+    if label_weight:
+        factor = np.array([float(label_weight.get(str(c), 1.0)) for c in classes])
+        weights = weights * factor[codes]
+        total = np.where(valid, weights, 0.0).sum(axis=1)
     rows: np.ndarray = np.repeat(np.arange(n), labels.shape[1])
     score = np.zeros((n, n_classes))
     np.add.at(score, (rows, codes.ravel()), np.where(valid, weights, 0.0).ravel())

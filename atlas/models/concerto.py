@@ -12,8 +12,12 @@ networks read the same cell:
 
 Training pulls the teacher and student views of the same cell together and pushes views of other
 cells apart (NT-Xent, τ = 0.1). The two independent dropout masks are the only augmentation: the
-molecular input is never perturbed. After training, the teacher output is the cell's embedding
-for mapping queries to the reference.
+molecular input is never perturbed. After training, the cell's embedding for mapping queries to
+the reference is the teacher output (``embedding="teacher"``, the original) or, by default, the
+teacher and student outputs each L2-normalised and concatenated: the student is linear in the
+expression up to its normalisation, and on held-out reference patients its half moved less under
+a donor/condition shift than the attention teacher's (``benchmarks/validate_embedding.py``).
+Label heads read the same embedding.
 
 Multimodal cells have one teacher/student pair per modality whose outputs are summed; a cell
 lacking a modality simply has no term for it, so an RNA-only query embeds with the RNA teacher
@@ -33,6 +37,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -43,6 +48,10 @@ from atlas.models.heads import LabelHeads
 from atlas.models.layers import UNSEEN_DOMAIN, DomainBatchNorm1d, MaskedAttentionPool, SparseLinear
 
 Batch = Mapping[str, torch.Tensor]
+
+HEAD_SCALE = 10.0
+"""Logit scale of the heads over an L2-normalised embedding (a cosine classifier; the
+temperature of NT-Xent is 0.1 too)."""
 
 
 def modality_present(batch: Batch, modality: str) -> torch.Tensor:
@@ -147,6 +156,25 @@ class ConcertoStudent(nn.Module):
         return x
 
 
+def embedding_head_weights(config: ConcertoConfig, state: Mapping[str, torch.Tensor],
+                           n_levels: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each level's heads as one linear map ``(weight [C, embedding_dim], bias [C])`` over the
+    cell embedding :meth:`Concerto.embed` returns, from a trained model's ``state``: softmax of
+    ``embedding @ weight.T + bias`` equals :meth:`Concerto.head_probabilities` (numpy: the
+    service applies heads without torch)."""
+    def array(key: str) -> np.ndarray:
+        return state[key].detach().cpu().float().numpy()
+
+    out = []
+    for i in range(n_levels):
+        weight, bias = array(f"heads.linears.{i}.weight"), array(f"heads.linears.{i}.bias")
+        if config.embedding == "teacher+student":
+            weight = HEAD_SCALE * np.concatenate([weight, array(f"student_heads.linears.{i}.weight")], axis=1)
+            bias = bias + array(f"student_heads.linears.{i}.bias")
+        out.append((weight.astype(np.float32), bias.astype(np.float32)))
+    return out
+
+
 def _gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """All-gather ``x`` [n, D] from every worker with gradients; rows may differ in number.
 
@@ -210,7 +238,7 @@ class Concerto(nn.Module):
     """Concerto for one or several modalities (one teacher/student pair each, outputs summed).
 
     ``forward(batch)`` → ``{"loss", "n_cells", "positive_cosine"}`` (tensors; the loss is what
-    DDP back-propagates). ``embed(batch)`` → teacher embedding [B, D] in eval mode.
+    DDP back-propagates). ``embed(batch)`` → cell embedding [B, embedding_dim] in eval mode.
     ``attention(batch, modality)`` → per-feature attention weights aligned with ``{m}_ids``.
     """
 
@@ -231,10 +259,26 @@ class Concerto(nn.Module):
                 for m in self.modalities
             }
         )
-        # Heads on the teacher embedding, one per label level of the reference (none: unlabelled).
+        # Heads, one per label level of the reference (none: unlabelled). With the concatenated
+        # embedding each network has its own heads over its L2-normalised output, trained
+        # separately (each network must tell the types apart on its own; one softmax over the
+        # concatenation validated worse); mapping adds their logits, which is one linear head over
+        # the stored embedding (:func:`embedding_head_weights`).
         self.heads = LabelHeads(d, n_classes) if n_classes else None
+        self.student_heads = (LabelHeads(d, n_classes) if n_classes and config.embedding == "teacher+student"
+                              else None)
         self.head_weight = float(config.head_weight)
         self.contrastive_weight = 1.0
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of :meth:`embed`'s output."""
+        return self.config.embed_dim * (2 if self.config.embedding == "teacher+student" else 1)
+
+    def _cell_embedding(self, teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+        if self.config.embedding == "teacher+student":
+            return torch.cat([F.normalize(teacher.float(), dim=1), F.normalize(student.float(), dim=1)], 1)
+        return teacher
 
     def _domain(self, batch: Batch) -> torch.Tensor:
         domain = batch["domain"].long()
@@ -282,7 +326,12 @@ class Concerto(nn.Module):
         loss = self.contrastive_weight * contrastive
         out = {"contrastive": contrastive.detach()}
         if self.heads is not None and "labels" in batch:
-            head_loss, _ = self.heads.loss(t, batch["labels"][keep])
+            labels = batch["labels"][keep]
+            if self.student_heads is not None:
+                head_loss = (self.heads.loss(HEAD_SCALE * F.normalize(t.float(), dim=1), labels)[0]
+                             + self.student_heads.loss(HEAD_SCALE * F.normalize(s.float(), dim=1), labels)[0])
+            else:
+                head_loss, _ = self.heads.loss(t, labels)
             loss = loss + self.head_weight * head_loss
             out["head_loss"] = head_loss.detach()
         with torch.no_grad():
@@ -296,18 +345,26 @@ class Concerto(nn.Module):
 
     @torch.no_grad()
     def head_probabilities(self, embedding: torch.Tensor) -> list[torch.Tensor]:
-        """Class probabilities [B, C] of every label level from teacher embeddings (none: no heads)."""
+        """Class probabilities [B, C] of every label level from cell embeddings (none: no heads)."""
         if self.heads is None:
             return []
-        return [torch.softmax(logits.float(), dim=1) for logits in self.heads.logits(embedding)]
+        if self.student_heads is None:
+            return [torch.softmax(logits.float(), dim=1) for logits in self.heads.logits(embedding)]
+        d = self.config.embed_dim
+        teacher = self.heads.logits(HEAD_SCALE * embedding[:, :d].float())
+        student = self.student_heads.logits(HEAD_SCALE * embedding[:, d:].float())
+        return [torch.softmax(a + b, dim=1) for a, b in zip(teacher, student)]
 
     @torch.no_grad()
     def embed(self, batch: Batch) -> torch.Tensor:
-        """Teacher embedding [B, embed_dim] of each cell (eval mode: no dropout, running
+        """Embedding [B, :attr:`embedding_dim`] of each cell (eval mode: no dropout, running
         statistics, so the same cell always gets the same vector). Cells with none of the
         model's modalities get the zero vector."""
         with eval_mode(self):
-            return self._views(batch, with_student=False)["teacher"]
+            both = self.config.embedding == "teacher+student"
+            views = self._views(batch, with_student=both)
+            out = self._cell_embedding(views["teacher"], views["student"])
+            return torch.where(views["any"][:, None], out, torch.zeros_like(out))
 
     @torch.no_grad()
     def attention(

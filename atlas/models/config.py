@@ -42,6 +42,12 @@ class ConcertoConfig:
     head_weight: float = 3.0
     #: Class weights of the heads' cross-entropy: ``(n_c / n_max) ** -power`` (0: none, 1: balanced).
     class_weight_power: float = 0.5
+    #: The cell's embedding (what the index holds, the heads read and queries are mapped by):
+    #: ``"teacher"`` (the original), or ``"teacher+student"``, the two networks' outputs each
+    #: L2-normalised and concatenated (2 × ``embed_dim``). Chosen on held-out reference cells and
+    #: patients (benchmarks/validate_embedding.py). Manifests written before this option read as
+    #: ``"teacher"`` (see :func:`model_from_spec`).
+    embedding: Literal["teacher", "teacher+student"] = "teacher+student"
 
 
 @dataclass(frozen=True)
@@ -141,7 +147,11 @@ def model_from_spec(spec: dict[str, Any]) -> nn.Module:
     """The untrained model of an artifact's (or a build's) model section: ``config``,
     ``vocab_sizes``, ``n_domains`` and, for a model with label heads, ``heads.classes``."""
     heads = spec.get("heads") or {}
-    return build_model(config_from_dict(spec["config"]), {m: int(v) for m, v in spec["vocab_sizes"].items()},
+    config = dict(spec["config"])
+    if config.get("model") == "concerto":
+        # Atlases written before the option embedded (and trained their heads on) the teacher alone.
+        config.setdefault("embedding", "teacher")
+    return build_model(config_from_dict(config), {m: int(v) for m, v in spec["vocab_sizes"].items()},
                        int(spec["n_domains"]), tuple(len(c) for c in heads.get("classes", ())))
 
 

@@ -85,7 +85,12 @@ class IndexSection:
     rejection_rate: float = 0.05
     """Fraction of held-out reference cells the calibrated unknown thresholds may reject."""
     calibration_cells: int = 5000
-    """Reference cells mapped leave-one-out to calibrate the thresholds (0: no calibration)."""
+    """Reference cells mapped leave-one-out to calibrate the thresholds (0: no calibration, and
+    a plain vote)."""
+    vote_balance: float = 0.5
+    """Each neighbour's vote is weighted by ``(n_c / n_max) ** -vote_balance`` of its label's
+    reference cells (0: a plain similarity-weighted vote). 0.5 was best of 0 / 0.5 / 1 on held-out
+    reference cells and patients (``benchmarks/validate_embedding.py``)."""
 
 
 @dataclass(frozen=True)

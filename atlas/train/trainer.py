@@ -71,7 +71,9 @@ def initial_state(build: BuildConfig, plan: ReadPlan, vocab_sizes: dict[str, int
         codes = np.concatenate([b.labels for b in plan.blocks if b.labels is not None])
         for i, classes in enumerate(plan.label_classes):
             counts = np.bincount(codes[:, i][codes[:, i] >= 0], minlength=len(classes))
-            state[f"heads.class_weight_{i}"] = torch.from_numpy(class_weights(counts, build.model.class_weight_power))
+            weight = torch.from_numpy(class_weights(counts, build.model.class_weight_power))
+            for heads in ("heads", "student_heads"):  # loaded with strict=False: a model without one ignores it
+                state[f"{heads}.class_weight_{i}"] = weight
     return state or None
 
 

@@ -48,6 +48,24 @@ def test_vote_ignores_empty_labels_and_missing_hits():
     assert ((conf >= 0) & (conf <= 1)).all()
 
 
+def test_balanced_vote_lifts_a_rare_label_and_keeps_shares_in_range():
+    from atlas.mapping.vote import balance_weights
+
+    # 100 reference cells of A, 25 of B: power 0.5 gives B twice A's weight per neighbour.
+    factor = balance_weights({"A": 100, "B": 25, "empty": 0}, 0.5)
+    assert factor == {"A": 1.0, "B": 2.0}
+    assert balance_weights({"A": 100, "B": 25}, 0.0) == {"A": 1.0, "B": 1.0}
+    labels = np.array([["A", "A", "A", "B", "B"], ["A", "A", "A", "A", "B"]])
+    sims = np.full((2, 5), 0.5)
+    plain, _ = weighted_vote(labels, sims)
+    balanced, conf = weighted_vote(labels, sims, label_weight=factor)
+    assert plain.tolist() == ["A", "A"] and balanced.tolist() == ["B", "A"]
+    np.testing.assert_allclose(conf, [4 / 7, 4 / 6], rtol=1e-6)
+    # Labels without a factor count as 1; a missing hit still does not vote.
+    same, _ = weighted_vote(labels, sims, label_weight={"Z": 5.0})
+    assert same.tolist() == plain.tolist()
+
+
 def test_mean_profile_skips_missing_hits_and_unmeasured_rows():
     values = np.array([[1.0, 2.0], [3.0, 4.0], [np.nan, np.nan]], np.float32)
     pos = np.array([[0, 1], [2, -1], [1, 2]])
@@ -81,7 +99,7 @@ def test_map_query_hierarchical(tiny_atlas):
     # Better than chance after one epoch: the embedding carries the cell types.
     agree = (out.obs["cell_type_l1_pred"].to_numpy() == query.obs["cell_type_l1"].astype(str).to_numpy()).mean()
     assert agree > 0.5
-    assert out.obsm["X_atlas"].shape == (query.n_obs, 32)
+    assert out.obsm["X_atlas"].shape == (query.n_obs, 64)  # teacher + student, 32 each
     pred = out.obsm["protein_pred"]
     assert isinstance(pred, pd.DataFrame) and list(pred.columns) == proteins
     assert np.isfinite(pred.to_numpy()).all()

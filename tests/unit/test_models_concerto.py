@@ -61,7 +61,7 @@ def _batch(n=12, seed=0):
 
 def test_multimodal_sum_and_missing_modality():
     torch.manual_seed(0)
-    model = build_model(ConcertoConfig(modalities=("RNA", "protein")), {"RNA": 40, "protein": 6}, 2)
+    model = build_model(ConcertoConfig(modalities=("RNA", "protein"), embedding="teacher"), {"RNA": 40, "protein": 6}, 2)
     batch = _batch()
     out = model(batch)
     assert torch.isfinite(out["loss"]) and out["loss"].requires_grad
@@ -78,6 +78,42 @@ def test_multimodal_sum_and_missing_modality():
     z_half = model.embed(half)
     torch.testing.assert_close(z_half[:3], z_rna[:3])
     torch.testing.assert_close(z_half[3:], full[3:])
+
+
+def test_teacher_plus_student_embedding_is_both_normalised_views_concatenated():
+    torch.manual_seed(0)
+    config = ConcertoConfig(modalities=("RNA", "protein"), embed_dim=16)
+    assert config.embedding == "teacher+student"  # the validated default
+    model = build_model(config, {"RNA": 40, "protein": 6}, 2, n_classes=(3,))
+    batch = _batch()
+    model.train()
+    model(batch)  # running statistics
+    z = model.embed(batch)
+    assert z.shape == (12, 32) and model.embedding_dim == 32
+    model.eval()
+    t = sum(model.teachers[m](batch[f"{m}_ids"], batch[f"{m}_values"], batch[f"{m}_mask"], batch["domain"])[0]
+            for m in ("RNA", "protein"))
+    s = sum(model.students[m](batch[f"{m}_ids"], batch[f"{m}_values"], batch[f"{m}_mask"], batch["domain"])
+            for m in ("RNA", "protein"))
+    torch.testing.assert_close(z, torch.cat([F.normalize(t, dim=1), F.normalize(s, dim=1)], 1))
+    # Each network has its heads (over its half); a cell without any modality embeds as zeros.
+    assert model.heads.linears[0].in_features == 16 and model.student_heads.linears[0].in_features == 16
+    empty = dict(batch, RNA_mask=torch.zeros_like(batch["RNA_mask"]), protein_mask=torch.zeros_like(batch["protein_mask"]))
+    assert not model.embed(empty).any()
+
+
+def test_manifest_without_embedding_option_reads_as_teacher_only():
+    """Atlases written before the option trained their heads on the teacher alone."""
+    from atlas.models.config import model_from_spec
+
+    config = config_to_dict(ConcertoConfig())
+    del config["embedding"]
+    old = model_from_spec({"config": config, "vocab_sizes": {"RNA": 40}, "n_domains": 2,
+                           "heads": {"classes": [["a", "b"]]}})
+    assert old.config.embedding == "teacher" and old.embedding_dim == 128
+    assert old.heads.linears[0].in_features == 128 and old.student_heads is None
+    # A build config without the key gets the default.
+    assert config_from_dict({"model": "concerto"}).embedding == "teacher+student"
 
 
 def test_embed_is_deterministic_and_padding_free():

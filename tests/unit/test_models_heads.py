@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from atlas.mapping.heads import head_probabilities
+from atlas.models.concerto import embedding_head_weights
 from atlas.models.config import ConcertoConfig, build_model
 from atlas.models.heads import LabelHeads, class_weights
 
@@ -77,12 +78,15 @@ def test_concerto_trains_heads_only_when_it_has_labels_and_numpy_probabilities_m
     assert "head_loss" not in plain  # no labels in the batch: the contrastive loss alone
     labelled = model({**batch, "labels": torch.from_numpy(rng.integers(-1, 3, (32, 1)))})
     assert float(labelled["loss"]) > float(labelled["contrastive"]) and float(labelled["head_loss"]) > 0
-    emb = model.embed(batch)
-    torch_p = model.head_probabilities(emb)[0].numpy()
-    linear = model.heads.linears[0]
-    numpy_p = head_probabilities(emb.numpy(), [(linear.weight.detach().numpy(), linear.bias.detach().numpy())])[0]
-    np.testing.assert_allclose(numpy_p, torch_p, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(numpy_p.sum(1), 1.0, rtol=1e-5)
+    assert model.student_heads is not None  # the default embedding: each network has its heads
+    for m in (model, build_model(ConcertoConfig(embed_dim=16, embedding="teacher"), {"RNA": 20}, 1, (3,))):
+        emb = m.embed(batch)
+        torch_p = m.head_probabilities(emb)[0].numpy()
+        weights = embedding_head_weights(m.config, m.state_dict(), 1)
+        assert weights[0][0].shape == (3, m.embedding_dim)
+        numpy_p = head_probabilities(emb.numpy(), weights)[0]
+        np.testing.assert_allclose(numpy_p, torch_p, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(numpy_p.sum(1), 1.0, rtol=1e-5)
     assert build_model(ConcertoConfig(embed_dim=16), {"RNA": 20}, 1).heads is None
 
 

@@ -322,3 +322,38 @@ def test_align_query_refuses_values_that_are_not_counts_wherever_they_are(bad, w
     adata = ad.AnnData(X=sp.csr_matrix(dense), var=pd.DataFrame(index=[f"GENE{i}" for i in range(10)]))
     with pytest.raises(MappingError, match="not raw counts"):
         align_query(adata, _atlas([f"GENE{i}" for i in range(10)]), "RNA", check_species=False)
+
+
+@given(data=st.data(), n=st.integers(0, 6), k=st.integers(0, 7))
+def test_balanced_vote_equals_a_plain_loop(data, n, k):
+    """Weighted vote with label factors: the winner maximises Σ factor(label)·max(sim, 0) (all
+    non-positive: neighbours count equally), its share is in [0, 1]; empty labels, missing hits
+    and non-finite similarities never vote; ties go to the most similar neighbour, then the label."""
+    from atlas.mapping.vote import balance_weights, weighted_vote
+
+    labels = data.draw(hnp.arrays("U2", (n, k), elements=st.sampled_from(["", "A", "B", "C"])))
+    sims = data.draw(hnp.arrays(np.float64, (n, k), elements=st.one_of(
+        st.floats(-1, 1), st.just(-np.inf), st.just(np.nan))))
+    counts = data.draw(st.dictionaries(st.sampled_from(["A", "B", "C"]), st.integers(0, 1000)))
+    power = data.draw(st.sampled_from([0.0, 0.5, 1.0, 3.0]))
+    factor = balance_weights(counts, power)
+    pred, conf = weighted_vote(labels, sims, label_weight=factor)
+    assert pred.shape == conf.shape == (n,)
+    assert ((conf >= 0) & (conf <= 1 + 1e-6)).all()
+    for i in range(n):
+        valid = [j for j in range(k) if labels[i, j] != "" and np.isfinite(sims[i, j])]
+        if not valid:
+            assert pred[i] == "" and conf[i] == 0
+            continue
+        w = {j: max(sims[i, j], 0.0) for j in valid}
+        if sum(w.values()) <= 0:
+            w = {j: 1.0 for j in valid}
+        score: dict[str, float] = {}
+        for j in valid:
+            score[labels[i, j]] = score.get(labels[i, j], 0.0) + w[j] * factor.get(labels[i, j], 1.0)
+        best = max(score.values())
+        if best <= 0:  # every voter has factor 0 weight: nothing decides; only the range is checked
+            continue
+        tied = [c for c, v in score.items() if v >= best - 1e-9 * max(best, 1.0)]
+        assert pred[i] in tied
+        np.testing.assert_allclose(conf[i], score[pred[i]] / sum(score.values()), rtol=1e-6, atol=1e-9)

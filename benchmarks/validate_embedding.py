@@ -1,0 +1,235 @@
+"""Which embedding and which vote label a query best, chosen on the *reference* only.
+
+    python benchmarks/validate_embedding.py [--tasks pbmc10k,liao] [--seeds 0,1,2] [--models 0,5]
+
+Same validation splits and settings as ``validate_heads.py`` (pbmc10k: the task's 80% reference
+split again 80/20; liao: one reference patient trains, the other validates as an unseen domain;
+the scored queries are never read). Models (``--models``, indices into ``MODELS``), heads at the
+default weight 3 where there are heads:
+
+0. ``teacher heads`` — heads on the raw teacher output (the atlas before this comparison);
+1. ``teacher + student heads`` — also heads on the raw student output (the sparse linear
+   network over every measured feature), both trained;
+2. ``heads on both, concatenated`` — one head over the two L2-normalised outputs concatenated;
+3. ``contrastive only`` — no heads;
+4. ``heads on the unit teacher`` — heads on the L2-normalised teacher output × ``HEAD_SCALE``;
+5. ``unit heads on both networks`` — the model as built now (``embedding="teacher+student"``):
+   each network's heads over its L2-normalised output × ``HEAD_SCALE``, trained separately.
+
+Each model's teacher, student and concatenated (each L2-normalised) embeddings are scored by the
+coarse-to-fine kNN vote (level 1 k 25; level 2 k 5 / 10 / 25 among the reference cells of the
+predicted level-1 type) with a class-balanced vote (a neighbour's weight × ``(n_c / n_max) **
+-power`` of its class ``c`` in the reference, power 0 / 0.5 / 1). Mean ± sd over ``--seeds``.
+Results: ``OUT/results.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from validate_heads import BATCH, EPOCHS, LR, _codes, _split_liao, _split_pbmc10k, as_unseen_query  # noqa: E402
+
+HEAD_WEIGHT = 3.0
+MODELS = [("teacher heads", "teacher"), ("teacher + student heads", "dual"),
+          ("heads on both, concatenated", "concat"), ("contrastive only", "none"),
+          ("heads on the unit teacher", "unit teacher"), ("unit heads on both networks", "unit dual")]
+UNIT_SCALE = 10.0
+SEEDS = [0]
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
+
+
+def balanced_vote(sims, labels, k, power, allowed=None):
+    """Similarity-weighted vote of the k nearest, each neighbour also weighted by its class's
+    ``(n_c / n_max) ** -power`` over the reference cells."""
+    from atlas.mapping.vote import weighted_vote
+
+    s = sims if allowed is None else np.where(allowed, sims, -np.inf)
+    top = np.argpartition(-s, kth=min(k, s.shape[1] - 1), axis=1)[:, :k]
+    classes, counts = np.unique(labels[labels != ""], return_counts=True)
+    factor = dict(zip(classes, (counts / counts.max()) ** -power))
+    nb = labels[top]
+    w = np.take_along_axis(s, top, axis=1) * np.vectorize(lambda c: factor.get(c, 0.0), otypes=[float])(nb)
+    w = np.where(np.isfinite(np.take_along_axis(s, top, axis=1)), w, -np.inf)
+    return weighted_vote(nb, w)
+
+
+def score_votes(emb_ref, emb_val, ref_labels, val_labels, levels) -> dict:
+    from atlas.evaluate.metrics import label_transfer
+
+    sims = _normalise(emb_val) @ _normalise(emb_ref).T
+    l1, l2 = levels
+    out = {}
+    for power in (0.0, 0.5, 1.0):
+        p1, _ = balanced_vote(sims, ref_labels[l1], 25, power)
+        s1 = label_transfer(val_labels[l1], p1)
+        for k2 in (5, 10, 25):
+            allowed = ref_labels[l1][None, :] == p1[:, None]
+            p2, _ = balanced_vote(sims, ref_labels[l2], k2, power, allowed=allowed)
+            s2 = label_transfer(val_labels[l2], p2)
+            out[f"power {power:g}, k2 {k2}"] = {
+                "l1_acc": round(float(s1.accuracy), 4), "l1_f1": round(float(s1.macro_f1), 4),
+                "l2_acc": round(float(s2.accuracy), 4), "l2_f1": round(float(s2.macro_f1), 4)}
+    return out
+
+
+def _head_loss(model, cfg, head_loss) -> None:
+    """Replace the model's loss by NT-Xent + HEAD_WEIGHT × ``head_loss(model, t, s, labels)``."""
+    from atlas.models.concerto import nt_xent
+
+    def forward(b):
+        views = model._views(b, with_student=True)
+        keep = views["any"]
+        t, s = views["teacher"][keep], views["student"][keep]
+        contrastive = nt_xent(t, s, cfg.temperature, False)
+        head = head_loss(model, t, s, b["labels"][keep])
+        return {"loss": contrastive + HEAD_WEIGHT * head, "contrastive": contrastive.detach(),
+                "head_loss": head.detach(), "n_cells": torch.tensor(float(t.shape[0])),
+                "positive_cosine": torch.tensor(0.0)}
+
+    model.forward = forward
+
+
+def train(counts, codes, classes, tr, domain, heads: str, seed: int = 0):
+    from atlas.data.batches import csr_to_batch
+    from atlas.models.config import ConcertoConfig, build_model
+    from atlas.models.heads import LabelHeads, class_weights
+    from atlas.train.step import fit_local, minibatches, take_rows
+
+    batch = csr_to_batch({"RNA": counts}, domain=domain)
+    batch["labels"] = torch.from_numpy(codes)
+    torch.manual_seed(seed)
+    # "unit dual" is the model as built (embedding "teacher+student": each network's heads over
+    # its L2-normalised output); the other variants start from the teacher-only model.
+    cfg = ConcertoConfig(modalities=("RNA",), head_weight=HEAD_WEIGHT if heads != "none" else 0.0,
+                         embedding="teacher+student" if heads == "unit dual" else "teacher")
+    n_domains = int(domain.max()) + 1
+    model = build_model(cfg, {"RNA": counts.shape[1]}, n_domains,
+                        tuple(len(c) for c in classes) if heads != "none" else ())
+    if heads != "none":
+        weights = [torch.from_numpy(class_weights(np.bincount(codes[tr, i][codes[tr, i] >= 0],
+                                                              minlength=len(classes[i])), 0.5))
+                   for i in range(len(classes))]
+        n_classes = tuple(len(c) for c in classes)
+        if heads == "concat":  # one head per level over the two L2-normalised outputs concatenated
+            model.heads = LabelHeads(2 * cfg.embed_dim, n_classes)
+            _head_loss(model, cfg, lambda m, t, s, y: m.heads.loss(torch.cat([F.normalize(t, dim=1),
+                                                                              F.normalize(s, dim=1)], 1), y)[0])
+        elif heads == "unit teacher":  # a cosine classifier on the teacher: reads the stored teacher half
+            _head_loss(model, cfg, lambda m, t, s, y: m.heads.loss(UNIT_SCALE * F.normalize(t, dim=1), y)[0])
+        elif heads == "dual":  # heads on both raw outputs, each network's CE
+            model.student_heads = LabelHeads(cfg.embed_dim, n_classes)
+            _head_loss(model, cfg, lambda m, t, s, y: m.heads.loss(t, y)[0] + m.student_heads.loss(s, y)[0])
+        for h in (model.heads, getattr(model, "student_heads", None)):
+            if h is not None:
+                for i, w in enumerate(weights):
+                    h.class_weight(i).copy_(w)
+    train_batch = take_rows(batch, torch.as_tensor(tr))
+    t = time.perf_counter()
+    fit_local(model, lambda e: minibatches(train_batch, BATCH, seed=seed * 100 + e, by_domain=True), EPOCHS, LR,
+              steps_per_epoch=max(1, tr.size // BATCH))
+    return model, batch, time.perf_counter() - t
+
+
+def embeddings(model, batch, unseen: bool) -> dict[str, np.ndarray]:
+    """Teacher, student and concatenated embeddings (eval mode); ``unseen``: as a query of a new
+    domain, with its own input statistics (the mapping default)."""
+    from atlas.models.concerto import eval_mode
+
+    net, b = as_unseen_query(model, batch) if unseen else (model, batch)
+    with torch.no_grad(), eval_mode(net):
+        views = net._views(b, with_student=True)
+    t, s = views["teacher"].numpy(), views["student"].numpy()
+    return {"teacher": t, "student": s, "concat": np.hstack([_normalise(t), _normalise(s)])}
+
+
+def run_task(name, loader) -> dict:
+    adata, train_mask, levels, domain = loader()
+    counts = sp.csr_matrix(adata.layers["counts"] if "counts" in adata.layers else adata.X)
+    labels = {lv: adata.obs[lv].astype(str).replace({"nan": "", "undefined": ""}).to_numpy() for lv in levels}
+    classes = [sorted(set(labels[lv][train_mask]) - {""}) for lv in levels]
+    codes = np.stack([_codes(labels[lv], c) for lv, c in zip(levels, classes)], axis=1)
+    tr, va = np.flatnonzero(train_mask), np.flatnonzero(~train_mask)
+    from atlas.train.step import take_rows
+
+    results = {}
+    for (model_name, heads), seed in ((m, sd) for m in MODELS for sd in SEEDS):
+        model, batch, seconds = train(counts, codes, classes, tr, domain, heads, seed)
+        model_name = f"{model_name}, seed {seed}"
+        ref = embeddings(model, take_rows(batch, torch.as_tensor(tr)), unseen=False)
+        val_batch = take_rows(batch, torch.as_tensor(va))
+        val = embeddings(model, val_batch, unseen=name == "liao")
+        for emb in ("teacher", "student", "concat"):
+            key = f"{model_name} / {emb}"
+            results[key] = score_votes(ref[emb], val[emb], {lv: labels[lv][tr] for lv in levels},
+                                       {lv: labels[lv][va] for lv in levels}, levels)
+            results[key]["train_s"] = round(seconds, 1)
+            best = results[key]["power 0, k2 5"]
+            print(f"[{name}] {key}: default vote {best}", flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", default="pbmc10k,liao")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out" / "embedding")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--head-scale", type=float, default=None, help="override the model's HEAD_SCALE")
+    parser.add_argument("--models", default=None, help="comma-separated indices of MODELS")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    SEEDS[:] = [int(x) for x in args.seeds.split(",")]
+    if args.head_scale is not None:
+        import atlas.models.concerto as concerto
+
+        concerto.HEAD_SCALE = args.head_scale
+    if args.models:
+        MODELS[:] = [MODELS[int(i)] for i in args.models.split(",")]
+    loaders = {"pbmc10k": _split_pbmc10k, "liao": _split_liao}
+    out = {t: run_task(t, loaders[t]) for t in args.tasks.split(",") if t}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(out, indent=2))
+    lines = []
+    for task, res in out.items():
+        import re
+
+        groups: dict[tuple[str, str], list[dict]] = {}
+        for key, votes in res.items():
+            base = re.sub(r", seed \d+", "", key)
+            for vote, sc in votes.items():
+                if vote != "train_s":
+                    groups.setdefault((base, vote), []).append(sc)
+        lines += [f"## {task}, mean ± sd over seeds {SEEDS}", "",
+                  "| model / embedding | vote | l1 acc | l1 F1 | l2 acc | l2 F1 |", "|---|---|---:|---:|---:|---:|"]
+        for (base, vote), rows in groups.items():
+            cells = [f"{np.mean([r[m] for r in rows]):.3f} ± {np.std([r[m] for r in rows]):.3f}"
+                     for m in ("l1_acc", "l1_f1", "l2_acc", "l2_f1")]
+            lines.append(f"| {base} | {vote} | " + " | ".join(cells) + " |")
+        lines.append("")
+        lines += [f"## {task}", "", "| model / embedding | vote | l1 acc / F1 | l2 acc / F1 |", "|---|---|---:|---:|"]
+        for key, votes in res.items():
+            for vote, s in votes.items():
+                if vote == "train_s":
+                    continue
+                lines.append(f"| {key} | {vote} | {s['l1_acc']:.3f} / {s['l1_f1']:.3f} | "
+                             f"{s['l2_acc']:.3f} / {s['l2_f1']:.3f} |")
+        lines.append("")
+    (args.out / "results.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
