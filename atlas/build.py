@@ -64,7 +64,9 @@ def init_local_ray(num_workers: int) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, num_workers + 2), include_dashboard=False)
+        # address="local": a cluster of our own even when a head started with `ray start` runs here
+        # (joining it would refuse num_cpus, and RAY_ADDRESS is how a user asks to join one).
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_workers + 2), include_dashboard=False)
     rearm()  # ray.init replaced the SIGTERM handler of `atlas build` with sys.exit
 
 

@@ -3,7 +3,8 @@
 A mapped AnnData (offline, served, or read back from the offline job's Parquet) has, per label
 level, the obs columns :func:`pred_key`, :func:`confidence_key` and :func:`unknown_key`; the
 embedding in ``obsm[EMBEDDING]``; per predicted modality ``obsm[profile_key(m)]`` (and
-``obsm[decoder_key(m)]`` when both kNN and the decoder predicted it). Build code writes the
+``obsm[decoder_key(m)]`` when both kNN and the decoder predicted it); with label heads, per
+level the class probabilities in ``obsm[probabilities_key(level)]``. Build code writes the
 reference embedding back to the store as ``obsm[store_embedding(name)]`` of the first modality.
 Nothing here imports anything heavy: the SDK, the service and the benchmarks use it.
 """
@@ -55,6 +56,12 @@ def level_of(column: str, kind: str = "pred") -> str | None:
 def is_level_column(column: str) -> bool:
     """True for any of the per-level obs columns."""
     return any(level_of(column, kind) is not None for kind in ("pred", "confidence", "unknown"))
+
+
+def probabilities_key(level: str) -> str:
+    """obsm key (a DataFrame, one column per class) of the label heads' class probabilities at
+    ``level`` (atlases whose model has heads; NaN rows for cells without counts)."""
+    return f"{level}_probabilities"
 
 
 def profile_key(modality: str) -> str:

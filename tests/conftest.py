@@ -46,7 +46,9 @@ def _init_local_ray():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # address="local": always a cluster of our own — a head the user (or the demo) started with
+        # `ray start` on this machine must not be joined, and cannot take num_cpus.
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
     return ray
 

@@ -25,6 +25,8 @@ def build_tiny_atlas(source: Path, art: Path):
     from atlas.data.batches import csr_to_batch, normalize_log1p
     from atlas.index.shards import build_hierarchy
     from atlas.mapping.calibrate import calibrate_thresholds
+    from atlas.mapping.heads import read_heads, write_heads
+    from atlas.models.concerto import embedding_head_weights
     from atlas.mapping.search import LocalSearcher, ShardFolder
     from atlas.models.config import ConcertoConfig, build_model, config_to_dict
     from atlas.train.step import fit_local, minibatches
@@ -44,28 +46,33 @@ def build_tiny_atlas(source: Path, art: Path):
     config = ConcertoConfig(modalities=("RNA",), embed_dim=32)
     vocab_sizes = {"RNA": ref.n_vars}
     domain_names = sorted(ref.obs["batch"].unique())
-    model = build_model(config, vocab_sizes, len(domain_names))
+    # As `atlas ingest --unlabeled undefined` stores them: cells the gating left unlabelled vote for nothing.
+    labels = {lv: ref.obs[lv].astype(str).replace("undefined", "").to_numpy() for lv in LEVELS}
+    # Label heads as a labelled build trains them (the cells' label codes stream with their counts).
+    classes = [sorted(set(labels[lv]) - {""}) for lv in LEVELS]
+    codes = np.stack([np.array([c.index(v) if v else -1 for v in labels[lv]]) for lv, c in zip(LEVELS, classes)], 1)
+    model = build_model(config, vocab_sizes, len(domain_names), tuple(len(c) for c in classes))
     domain = np.array(pd.Categorical(ref.obs["batch"], categories=domain_names).codes, dtype=np.int64)
     batch = csr_to_batch({"RNA": rna}, domain=domain)
+    batch["labels"] = torch.from_numpy(codes)
     fit_local(model, minibatches(batch, 128), epochs=1, lr=1e-3)
     model.eval()
     with torch.no_grad():
         emb = model.embed(batch).numpy()
-
-    # As `atlas ingest --unlabeled undefined` stores them: cells the gating left unlabelled vote for nothing.
-    labels = {lv: ref.obs[lv].astype(str).replace("undefined", "").to_numpy() for lv in LEVELS}
     layout = build_hierarchy(
         emb, np.arange(800), labels, LEVELS,
         {"protein": (list(protein.columns), prot_norm.toarray())}, np.full(800, "pbmc10k"),
         use_gpu=False, out_dir=art / "shards",
     )
+    heads_entry = write_heads(art, embedding_head_weights(config, model.state_dict(), len(LEVELS)), LEVELS, classes)
     mapping = calibrate_thresholds(emb, np.arange(800), labels, LocalSearcher(ShardFolder(art / "shards")),
-                                   layout, LEVELS, max_cells=400)
+                                   layout, LEVELS, max_cells=400, heads=read_heads(art, {"model": {"heads": heads_entry}}),
+                                   vote_balance=0.5)
     torch.save(model.state_dict(), art / "model.pt")
     write_manifest(
         art, build_config={"data": {"normalization": {}}},
         model={"config": config_to_dict(config), "vocab_sizes": vocab_sizes,
-               "n_domains": len(domain_names), "domain_names": domain_names},
+               "n_domains": len(domain_names), "domain_names": domain_names, "heads": heads_entry},
         vocabulary={"RNA": list(ref.var_names), "protein": list(protein.columns)},
         store={"uri": "memory://test", "version": None, "committed_at": None}, metrics={},
         mapping=mapping, species="human",

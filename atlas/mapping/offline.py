@@ -214,7 +214,7 @@ def init_ray(actors: int, cpus_per_actor: float = 1.0) -> None:
         ray.init()
     else:
         need = int(np.ceil(actors * cpus_per_actor)) + 2
-        ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False)
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False)  # as build
 
 
 def _check_output(output: Path, overwrite: bool) -> None:

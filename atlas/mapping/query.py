@@ -56,6 +56,7 @@ from atlas.names import (
     decoder_key,
     level_keys,
     pred_key,
+    probabilities_key,
     profile_key,
     unknown_key,
 )
@@ -279,12 +280,15 @@ def predict_profiles(coarse: Hits, searcher: Searcher, modalities: Sequence[str]
 
 
 def assemble(obs_names: Any, emb: np.ndarray, labels: pd.DataFrame, profiles: Mapping[str, pd.DataFrame],
-             decoded: Mapping[str, pd.DataFrame], coarse: Hits | None, uns: dict[str, Any]) -> ad.AnnData:
+             decoded: Mapping[str, pd.DataFrame], coarse: Hits | None, uns: dict[str, Any],
+             probabilities: Mapping[str, pd.DataFrame] | None = None) -> ad.AnnData:
     """The contract's AnnData (see :func:`map_query`)."""
     index = pd.Index([str(x) for x in obs_names], name=getattr(obs_names, "name", None))
     obs = labels.set_axis(index, axis=0)
     result = ad.AnnData(obs=obs)
     result.obsm[EMBEDDING] = emb
+    for level, frame in (probabilities or {}).items():
+        result.obsm[probabilities_key(level)] = frame.set_axis(index, axis=0)
     for m, frame in profiles.items():
         result.obsm[profile_key(m)] = frame.set_axis(index, axis=0)
     for m, frame in decoded.items():
@@ -326,6 +330,9 @@ def map_query(
     the reference feature names as columns. ``predict_method``: ``"knn"`` (mean of the
     ``k_coarse`` nearest reference cells' normalised values), ``"decoder"`` (CVQVAE atlases: the
     cross-modal decoder) or ``"both"`` (kNN in ``{m}_pred``, decoder in ``{m}_pred_decoder``).
+    With an atlas whose model has label heads, ``obsm[f"{level}_probabilities"]`` per level: a
+    DataFrame of the heads' class probabilities (columns: the level's reference classes; NaN
+    rows for cells without counts); the label itself is the kNN vote's.
     ``thresholds``: ``"calibrated"`` (default: the per-level minimum confidence calibrated at
     build time on held-out reference cells), a dict per level, one float for all, or None (no
     rejection); below it a cell is ``{level}_unknown`` and labelled ``"unknown"``. Each query
@@ -399,15 +406,18 @@ def run_mapping(
                                    balance=balance)
     profiles = predict_profiles(coarse, searcher, knn_targets)
     decoded_frames = {m: pd.DataFrame(v, columns=atlas.vocabulary[m]) for m, v in decoded.items()}
+    class_probabilities = {} if heads is None else {
+        lv: pd.DataFrame(p, columns=list(heads.classes[heads.levels.index(lv)]))
+        for lv, p in heads.probabilities(emb).items() if lv in levels}
     empty = np.flatnonzero(~has_data)
-    for frame in (*profiles.values(), *decoded_frames.values()):
+    for frame in (*profiles.values(), *decoded_frames.values(), *class_probabilities.values()):
         frame.iloc[empty] = np.nan  # predicted from nothing: not measured, not a prediction
     uns = {"atlas": {**mapping_uns(atlas.manifest, reports, levels, params, thresholds, int((~has_data).sum())),
                      "query_domains": domain_report,
                      "confidence": confidence_rule(levels, heads, typical),
                      "vote_balance": (atlas.manifest.get("mapping") or {}).get("vote_balance", {}).get("power", 0.0)}}
     return assemble(adata.obs_names if obs_names is None else obs_names, emb, labels, profiles, decoded_frames,
-                    coarse if params.return_neighbors else None, uns)
+                    coarse if params.return_neighbors else None, uns, class_probabilities)
 
 
 def vote_balance(manifest: Mapping[str, Any]) -> dict[str, dict[str, float]]:

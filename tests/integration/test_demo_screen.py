@@ -53,7 +53,7 @@ def test_ray_output_goes_to_the_log_file(tmp_path):
 
         shown = []
         with ray_output_to_file({str(log)!r}) as console, worker_progress_to(shown.append):
-            ray.init(num_cpus=1, include_dashboard=False)
+            ray.init(address="local", num_cpus=1, include_dashboard=False)
 
             @ray.remote
             def work():

@@ -100,6 +100,13 @@ def test_map_query_hierarchical(tiny_atlas):
     agree = (out.obs["cell_type_l1_pred"].to_numpy() == query.obs["cell_type_l1"].astype(str).to_numpy()).mean()
     assert agree > 0.5
     assert out.obsm["X_atlas"].shape == (query.n_obs, 64)  # teacher + student, 32 each
+    # The label heads' class probabilities per level, columns = the reference's classes.
+    heads = atlas.heads()
+    for lv in LEVELS:
+        probabilities = out.obsm[f"{lv}_probabilities"]
+        assert list(probabilities.columns) == list(heads.classes[heads.levels.index(lv)])
+        assert list(probabilities.index) == list(query.obs_names)
+        np.testing.assert_allclose(probabilities.to_numpy().sum(1), 1.0, rtol=1e-5)
     pred = out.obsm["protein_pred"]
     assert isinstance(pred, pd.DataFrame) and list(pred.columns) == proteins
     assert np.isfinite(pred.to_numpy()).all()
@@ -155,10 +162,11 @@ def test_map_query_hash_layout_flat_vote(tiny_atlas, tmp_path):
     build_hierarchy(emb, coarse.soma_joinid, coarse.labels, None,
                     {"protein": coarse.profiles["protein"]}, coarse.dataset_id,
                     use_gpu=False, n_hash_shards=3, out_dir=tmp_path / "shards")
-    shutil.copy(atlas.path / "model.pt", tmp_path / "model.pt")
+    for name in ("model.pt", "heads.npz"):
+        shutil.copy(atlas.path / name, tmp_path / name)
     m = atlas.manifest
     write_manifest(tmp_path, build_config=m["build_config"], model=m["model"], vocabulary=atlas.vocabulary,
-                   store=m["store"], metrics={})
+                   store=m["store"], metrics={}, mapping=m["mapping"])
     flat = map_query(query[:40].copy(), load_atlas(tmp_path), k_coarse=10, thresholds=None)
     tree = map_query(query[:40].copy(), atlas, k_coarse=10, thresholds=None)
     # Same reference cells, same k: the merged flat level-1 vote equals the coarse vote.
