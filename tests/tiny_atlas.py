@@ -26,8 +26,8 @@ def build_tiny_atlas(source: Path, art: Path):
     from atlas.index.shards import build_hierarchy
     from atlas.mapping.calibrate import calibrate_thresholds
     from atlas.mapping.heads import read_heads, write_heads
-    from atlas.models.concerto import embedding_head_weights
     from atlas.mapping.search import LocalSearcher, ShardFolder
+    from atlas.models.concerto import embedding_head_weights
     from atlas.models.config import ConcertoConfig, build_model, config_to_dict
     from atlas.train.step import fit_local, minibatches
 
