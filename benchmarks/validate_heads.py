@@ -271,6 +271,15 @@ def rejection_scores(emb_ref, emb_val, ref_l1, p1, classes1, k: int = 25) -> dic
         out["1 - vote share x head probability"] = 1 - share * head_of_vote
         out["1 - head probability x relative similarity"] = 1 - head_of_vote * np.minimum(relative, 1.0)
         out["1 - vote x head x relative similarity"] = 1 - share * head_of_vote * np.minimum(relative, 1.0)
+        # As mapping scores it now: the vote weighted by label rarity (index.vote_balance 0.5).
+        from validate_embedding import balanced_vote
+
+        bvote, bshare = balanced_vote(sims, ref_l1, k, 0.5)
+        bhead = np.array([p1[i, index[c]] if c in index else 0.0 for i, c in enumerate(bvote)])
+        brel = closeness / np.array([typical.get(c, np.median(ref_close)) for c in bvote])
+        out["1 - balanced vote share"] = 1 - bshare
+        out["1 - balanced vote x head x relative similarity"] = 1 - bshare * bhead * np.minimum(brel, 1.0)
+        out["1 - head x relative similarity (balanced vote's label)"] = 1 - bhead * np.minimum(brel, 1.0)
     return out
 
 
@@ -297,8 +306,8 @@ def run_rejection(held_out_types=("NK", "B"), head_weights=(1.0,)) -> dict:
         full = {**batch, "labels": torch.from_numpy(codes)}
         train_batch, val_batch = take_rows(full, torch.as_tensor(tr)), take_rows(full, torch.as_tensor(va))
         is_held = labels[levels[0]][va] == held
-        for variant, heads, weight in (("contrastive only", False, 0.0),
-                                       *((f"joint, head weight {w:g}", True, w) for w in head_weights)):
+        for variant, heads, weight in ((("contrastive only", False, 0.0),) if 0.0 in head_weights else ()) + tuple(
+                (f"joint, head weight {w:g}", True, w) for w in head_weights if w > 0):
             torch.manual_seed(0)
             model = build_model(ConcertoConfig(modalities=("RNA",), head_weight=weight),
                                 {"RNA": counts.shape[1]}, 1, tuple(len(c) for c in classes) if heads else ())

@@ -67,7 +67,7 @@ def build_tiny_atlas(source: Path, art: Path):
     heads_entry = write_heads(art, embedding_head_weights(config, model.state_dict(), len(LEVELS)), LEVELS, classes)
     mapping = calibrate_thresholds(emb, np.arange(800), labels, LocalSearcher(ShardFolder(art / "shards")),
                                    layout, LEVELS, max_cells=400, heads=read_heads(art, {"model": {"heads": heads_entry}}),
-                                   vote_balance=0.5)
+                                   vote_balance=0.5, relative_similarity=False)  # as the build, for this embedding
     torch.save(model.state_dict(), art / "model.pt")
     write_manifest(
         art, build_config={"data": {"normalization": {}}},

@@ -46,13 +46,15 @@ def calibrate_thresholds(
     seed: int = 0,
     heads: Any = None,
     vote_balance: float = 0.0,
+    relative_similarity: bool = True,
 ) -> dict[str, Any]:
     """Per-level thresholds from up to ``max_cells`` reference cells mapped leave-one-out.
 
     ``labels``: level → str [n] of the reference cells (``""`` = unlabelled, not used at that
     level); ``heads``: the model's label heads, so the confidence is scored as mapping scores it
-    (then also ``typical_similarity``: the first level's label → the median similarity of its
-    cells to their ``k_coarse`` nearest other reference cells).
+    (then also, with ``relative_similarity``, ``typical_similarity``: the first level's label →
+    the median similarity of its cells to their ``k_coarse`` nearest other reference cells, which
+    puts the cell's distance to the reference into the confidence).
     Returns the manifest's ``mapping`` section: ``thresholds`` (level → float, None when
     no labelled cell was sampled), ``loo_accuracy`` (level → accuracy of the leave-one-out vote
     before rejection), ``rejection_rate``, ``n_cells``, ``k_coarse``, ``k_fine``, ``method`` and,
@@ -70,7 +72,7 @@ def calibrate_thresholds(
     queries = np.ascontiguousarray(embeddings[sample], dtype=np.float32)
     exclude = np.asarray(joinids, np.int64)[sample]
     typical = None
-    if heads is not None and levels:  # a supervised embedding: its types are compact, distance tells
+    if heads is not None and levels and relative_similarity:  # a supervised embedding: compact types
         first = layout.levels[0] if getattr(layout, "levels", None) else levels[0]
         hits = searcher.search(layout.root.shards, queries, k_coarse, exclude=exclude)
         typical = {"level": first, "k": int(k_coarse),

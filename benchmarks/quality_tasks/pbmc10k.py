@@ -180,3 +180,36 @@ def markdown(r: dict) -> str:
         verdict = "best" if who == "Concerto atlas" else f"loses to {who} by {top - value:.3f}"
         lines.append(f"- {row[0]}: {fmt(value)} — {verdict}")
     return "\n".join(lines) + "\n"
+
+
+def run_rejection_only(out: Path, *, epochs: int = 5) -> dict[str, float]:
+    """The task's unseen-type row alone (Concerto and PCA + kNN, same split, same run): the
+    reference without CD8 T, the query mapped, AUROC of 1 − level-1 confidence for "is CD8 T".
+
+        python -c "import sys; sys.path[:0] = ['benchmarks', '.']; from pathlib import Path; \\
+                   from quality_tasks.pbmc10k import run_rejection_only as r; print(r(Path('benchmarks/out/rejection')))"
+    """
+    import ray
+
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    adata, is_ref = mq.load_split(out)
+    reference = adata[is_ref].copy()
+    unseen_ref = reference[reference.obs["cell_type_l1"].astype(str).to_numpy() != mq.UNSEEN_L1].copy()
+    query = adata[~is_ref].copy()
+    truth = query.obs["cell_type_l1"].astype(str)
+    truth.index = truth.index.astype(str)
+    del query.obsm["protein_counts"]
+    labelled = ~truth.isin(UNLABELED).to_numpy()
+    is_unseen = (truth == mq.UNSEEN_L1).to_numpy()
+    base, _, _ = mq.run_baseline(unseen_ref, query)
+    result = {"PCA + kNN": unseen_auroc(base.obs.loc[truth.index, confidence_key("cell_type_l1")], is_unseen, labelled)}
+    start_ray(2)
+    try:
+        without = mq.build_concerto(out, "reference_without_cd8", unseen_ref, epochs=epochs, workers=2)
+    finally:
+        ray.shutdown()
+    mapped, _, _, _ = mq.map_concerto(without["artifact"], query, thresholds=None)
+    result["Concerto atlas"] = unseen_auroc(mapped.obs.loc[truth.index, confidence_key("cell_type_l1")],
+                                            is_unseen, labelled)
+    return result
