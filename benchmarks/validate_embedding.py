@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
@@ -103,21 +104,22 @@ def _head_loss(model, cfg, head_loss) -> None:
     model.forward = forward
 
 
-def train(counts, codes, classes, tr, domain, heads: str, seed: int = 0):
+def train(counts, codes, classes, tr, domain, heads: str, seed: int = 0, modality: str = "RNA",
+          epochs: int = EPOCHS, batch_size: int = BATCH):
     from atlas.data.batches import csr_to_batch
     from atlas.models.config import ConcertoConfig, build_model
     from atlas.models.heads import LabelHeads, class_weights
     from atlas.train.step import fit_local, minibatches, take_rows
 
-    batch = csr_to_batch({"RNA": counts}, domain=domain)
+    batch = csr_to_batch({modality: counts}, domain=domain)
     batch["labels"] = torch.from_numpy(codes)
     torch.manual_seed(seed)
     # "unit dual" is the model as built (embedding "teacher+student": each network's heads over
     # its L2-normalised output); the other variants start from the teacher-only model.
-    cfg = ConcertoConfig(modalities=("RNA",), head_weight=HEAD_WEIGHT if heads != "none" else 0.0,
+    cfg = ConcertoConfig(modalities=(modality,), head_weight=HEAD_WEIGHT if heads != "none" else 0.0,
                          embedding="teacher+student" if heads == "unit dual" else "teacher")
     n_domains = int(domain.max()) + 1
-    model = build_model(cfg, {"RNA": counts.shape[1]}, n_domains,
+    model = build_model(cfg, {modality: counts.shape[1]}, n_domains,
                         tuple(len(c) for c in classes) if heads != "none" else ())
     if heads != "none":
         weights = [torch.from_numpy(class_weights(np.bincount(codes[tr, i][codes[tr, i] >= 0],
@@ -139,8 +141,8 @@ def train(counts, codes, classes, tr, domain, heads: str, seed: int = 0):
                     h.class_weight(i).copy_(w)
     train_batch = take_rows(batch, torch.as_tensor(tr))
     t = time.perf_counter()
-    fit_local(model, lambda e: minibatches(train_batch, BATCH, seed=seed * 100 + e, by_domain=True), EPOCHS, LR,
-              steps_per_epoch=max(1, tr.size // BATCH))
+    fit_local(model, lambda e: minibatches(train_batch, batch_size, seed=seed * 100 + e, by_domain=True), epochs, LR,
+              steps_per_epoch=max(1, tr.size // batch_size))
     return model, batch, time.perf_counter() - t
 
 
@@ -156,6 +158,26 @@ def embeddings(model, batch, unseen: bool) -> dict[str, np.ndarray]:
     return {"teacher": t, "student": s, "concat": np.hstack([_normalise(t), _normalise(s)])}
 
 
+def _split_adtnorm():
+    """Task 3's reference-only split (``validate_query_statistics.reference_split``): 60,000 cells of
+    the training studies train; the two held-out *reference* studies validate, each an unseen
+    domain with its own input statistics, as mapping with ``batch_key`` treats a query study."""
+    import anndata as ad
+    from validate_query_statistics import reference_split
+
+    train, held, _ = reference_split()
+    train = train[np.sort(np.random.default_rng(0).choice(train.n_obs, min(60_000, train.n_obs), replace=False))]
+    adata = ad.concat([train, held])
+    mask = np.r_[np.ones(train.n_obs, bool), np.zeros(held.n_obs, bool)]
+    codes = pd.Categorical(train.obs["batch"].astype(str)).codes.astype(np.int64)
+    domain = np.r_[codes, np.full(held.n_obs, -1)]
+    adata.obs["validation_study"] = np.r_[np.full(train.n_obs, ""), held.obs["study_name"].astype(str).to_numpy()]
+    return adata, mask, ["cell_type_l1", "cell_type_l2"], domain
+
+
+SETTINGS = {"adtnorm": {"modality": "protein", "epochs": 2, "batch_size": 256}}
+
+
 def run_task(name, loader) -> dict:
     adata, train_mask, levels, domain = loader()
     counts = sp.csr_matrix(adata.layers["counts"] if "counts" in adata.layers else adata.X)
@@ -167,11 +189,19 @@ def run_task(name, loader) -> dict:
 
     results = {}
     for (model_name, heads), seed in ((m, sd) for m in MODELS for sd in SEEDS):
-        model, batch, seconds = train(counts, codes, classes, tr, domain, heads, seed)
+        model, batch, seconds = train(counts, codes, classes, tr, domain, heads, seed, **SETTINGS.get(name, {}))
         model_name = f"{model_name}, seed {seed}"
         ref = embeddings(model, take_rows(batch, torch.as_tensor(tr)), unseen=False)
-        val_batch = take_rows(batch, torch.as_tensor(va))
-        val = embeddings(model, val_batch, unseen=name == "liao")
+        if name == "adtnorm":  # each validation study its own unseen domain
+            study = adata.obs["validation_study"].to_numpy()[va]
+            parts = [embeddings(model, take_rows(batch, torch.as_tensor(va[study == st])), unseen=True)
+                     for st in sorted(set(study))]
+            order = np.concatenate([np.flatnonzero(study == st) for st in sorted(set(study))])
+            val = {k: np.empty((va.size, parts[0][k].shape[1]), np.float32) for k in parts[0]}
+            for k in val:
+                val[k][order] = np.concatenate([p[k] for p in parts])
+        else:
+            val = embeddings(model, take_rows(batch, torch.as_tensor(va)), unseen=name == "liao")
         for emb in ("teacher", "student", "concat"):
             key = f"{model_name} / {emb}"
             results[key] = score_votes(ref[emb], val[emb], {lv: labels[lv][tr] for lv in levels},
@@ -198,7 +228,7 @@ def main() -> None:
         concerto.HEAD_SCALE = args.head_scale
     if args.models:
         MODELS[:] = [MODELS[int(i)] for i in args.models.split(",")]
-    loaders = {"pbmc10k": _split_pbmc10k, "liao": _split_liao}
+    loaders = {"pbmc10k": _split_pbmc10k, "liao": _split_liao, "adtnorm": _split_adtnorm}
     out = {t: run_task(t, loaders[t]) for t in args.tasks.split(",") if t}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(out, indent=2))
