@@ -166,7 +166,8 @@ def assign_labels(emb: np.ndarray, has_data: np.ndarray, searcher: Searcher, lay
                   thresholds: float | Mapping[str, float] | None = None,
                   exclude: np.ndarray | None = None, heads: Heads | None = None,
                   typical: Mapping[str, Any] | None = None,
-                  balance: Mapping[str, Mapping[str, float]] | None = None) -> tuple[pd.DataFrame, Hits]:
+                  balance: Mapping[str, Mapping[str, float]] | None = None,
+                  probabilities: Mapping[str, np.ndarray] | None = None) -> tuple[pd.DataFrame, Hits]:
     """Vote every level of ``levels`` (coarse → fine in a hierarchy; flat for hash layouts).
 
     Returns the obs columns (``{level}_pred``, ``_confidence``, ``_unknown``; default index)
@@ -183,14 +184,16 @@ def assign_labels(emb: np.ndarray, has_data: np.ndarray, searcher: Searcher, lay
     reference (``benchmarks/validate_heads.py``): AUROC 0.90 against 0.59 for the vote share alone.
 
     ``balance`` (level → label → vote factor, :func:`~atlas.mapping.vote.balance_weights`)
-    weights each neighbour's vote by how rare its label is in the reference.
+    weights each neighbour's vote by how rare its label is in the reference. ``probabilities``:
+    ``heads.probabilities(emb)`` when the caller already has them (computed here otherwise).
     """
     balance = balance or {}
     n = emb.shape[0]
     root = layout.root
     obs = pd.DataFrame(index=pd.RangeIndex(n))
     coarse = searcher.search(root.shards, emb, k_coarse, exclude=exclude)
-    probabilities = heads.probabilities(emb) if heads is not None else {}
+    if probabilities is None:
+        probabilities = heads.probabilities(emb) if heads is not None else {}
     closeness: np.ndarray = np.zeros(n)
     relative_to: dict[str, float] | None = None
     if typical:
@@ -401,14 +404,15 @@ def run_mapping(
     heads = atlas.heads()
     typical = (atlas.manifest.get("mapping") or {}).get("typical_similarity")
     balance = vote_balance(atlas.manifest)
+    head_probabilities = heads.probabilities(emb) if heads is not None else {}
     labels, coarse = assign_labels(emb, has_data, searcher, layout, levels, k_coarse=params.k_coarse,
                                    k_fine=params.k_fine, thresholds=thresholds, heads=heads, typical=typical,
-                                   balance=balance)
+                                   balance=balance, probabilities=head_probabilities)
     profiles = predict_profiles(coarse, searcher, knn_targets)
     decoded_frames = {m: pd.DataFrame(v, columns=atlas.vocabulary[m]) for m, v in decoded.items()}
     class_probabilities = {} if heads is None else {
         lv: pd.DataFrame(p, columns=list(heads.classes[heads.levels.index(lv)]))
-        for lv, p in heads.probabilities(emb).items() if lv in levels}
+        for lv, p in head_probabilities.items() if lv in levels}
     empty = np.flatnonzero(~has_data)
     for frame in (*profiles.values(), *decoded_frames.values(), *class_probabilities.values()):
         frame.iloc[empty] = np.nan  # predicted from nothing: not measured, not a prediction
