@@ -55,17 +55,14 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 
 def balanced_vote(sims, labels, k, power, allowed=None):
     """Similarity-weighted vote of the k nearest, each neighbour also weighted by its class's
-    ``(n_c / n_max) ** -power`` over the reference cells."""
-    from atlas.mapping.vote import weighted_vote
+    ``(n_c / n_max) ** -power`` over the reference cells (as mapping votes)."""
+    from atlas.mapping.vote import balance_weights, weighted_vote
 
     s = sims if allowed is None else np.where(allowed, sims, -np.inf)
     top = np.argpartition(-s, kth=min(k, s.shape[1] - 1), axis=1)[:, :k]
     classes, counts = np.unique(labels[labels != ""], return_counts=True)
-    factor = dict(zip(classes, (counts / counts.max()) ** -power))
-    nb = labels[top]
-    w = np.take_along_axis(s, top, axis=1) * np.vectorize(lambda c: factor.get(c, 0.0), otypes=[float])(nb)
-    w = np.where(np.isfinite(np.take_along_axis(s, top, axis=1)), w, -np.inf)
-    return weighted_vote(nb, w)
+    return weighted_vote(labels[top], np.take_along_axis(s, top, axis=1),
+                         label_weight=balance_weights(dict(zip(classes, counts)), power))
 
 
 def score_votes(emb_ref, emb_val, ref_labels, val_labels, levels) -> dict:
