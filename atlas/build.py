@@ -280,13 +280,13 @@ def _calibrate(build: BuildConfig, layout, shards_dir: Path, embeddings: np.ndar
     mapping = calibrate_thresholds(
         embeddings, joinids, labels, LocalSearcher(ShardFolder(shards_dir)), layout, levels,
         rejection_rate=build.index.rejection_rate, max_cells=build.index.calibration_cells,
-        seed=build.train.seed, heads=heads, vote_balance=build.index.vote_balance,
+        seed=build.train.seed, heads=heads, vote_balance=build.index.vote_balance or 0.0,
         # Leaving whole types out of the reference (benchmarks/validate_heads.py --tasks rejection):
         # the distance to the reference sharpened the confidence in the teacher's embedding (mean
         # AUROC 0.900 vs 0.871 for the head probability alone) but blurred it in the teacher +
         # student one (0.798 vs 0.859 for vote share x head probability), where the student half
         # keeps an unseen type close to its nearest known one.
-        relative_similarity=getattr(build.model, "embedding", "teacher") == "teacher",
+        relative_similarity=getattr(build.model, "embedding", "teacher") != "teacher+student",
     )
     shown = ", ".join(f"{lv} {v:.3f}" for lv, v in mapping["thresholds"].items() if v is not None)
     acc = ", ".join(f"{lv} {v:.3f}" for lv, v in mapping["loo_accuracy"].items() if v is not None)

@@ -1,10 +1,11 @@
 """Which embedding and which vote label a query best, chosen on the *reference* only.
 
-    python benchmarks/validate_embedding.py [--tasks pbmc10k,liao] [--seeds 0,1,2] [--models 0,5]
+    python benchmarks/validate_embedding.py [--tasks pbmc10k,liao,adtnorm,asap] [--seeds 0,1,2] [--models 0,5]
 
 Same validation splits and settings as ``validate_heads.py`` (pbmc10k: the task's 80% reference
 split again 80/20; liao: one reference patient trains, the other validates as an unseen domain;
-the scored queries are never read). Models (``--models``, indices into ``MODELS``), heads at the
+the scored queries are never read; adtnorm: task 3's held-out reference studies; asap: reference
+batch c1 trains, c2 validates as an unseen domain). Models (``--models``, indices into ``MODELS``), heads at the
 default weight 3 where there are heads:
 
 0. ``teacher heads`` — heads on the raw teacher output (the atlas before this comparison);
@@ -172,7 +173,25 @@ def _split_adtnorm():
     return adata, mask, ["cell_type_l1", "cell_type_l2"], domain
 
 
-SETTINGS = {"adtnorm": {"modality": "protein", "epochs": 2, "batch_size": 256}}
+def _split_asap():
+    """Task 2's reference-only split: of the reference's two CITE-seq batches, c1 trains and c2
+    validates as an unseen domain (the query's ASAP-seq batches c3, c4 are never read)."""
+    import anndata as ad
+    from quality_tasks.common import data_file
+
+    adata = ad.read_h5ad(data_file("asap_cite_pbmc_adt216_4batches.h5ad"))
+    adata = adata[adata.obs["batch"].astype(str).isin(["c1", "c2"]).to_numpy()].copy()
+    adata.obs["cluster"] = "cluster " + adata.obs["cluster"].astype(str)
+    train = (adata.obs["batch"].astype(str) == "c1").to_numpy()
+    domain = np.where(train, 0, 1).astype(np.int64)
+    return adata, train, ["coarse_cluster", "cluster"], domain
+
+
+#: The scored tasks' training settings (quality_tasks.adtnorm, quality_tasks.asap_cite).
+SETTINGS = {"adtnorm": {"modality": "protein", "epochs": 2, "batch_size": 256},
+            "asap": {"modality": "protein", "epochs": 5, "batch_size": 64}}
+#: Tasks whose validation cells are an unseen domain mapped with their own input statistics.
+UNSEEN = {"liao", "asap"}
 
 
 def run_task(name, loader) -> dict:
@@ -198,7 +217,7 @@ def run_task(name, loader) -> dict:
             for k in val:
                 val[k][order] = np.concatenate([p[k] for p in parts])
         else:
-            val = embeddings(model, take_rows(batch, torch.as_tensor(va)), unseen=name == "liao")
+            val = embeddings(model, take_rows(batch, torch.as_tensor(va)), unseen=name in UNSEEN)
         for emb in ("teacher", "student", "concat"):
             key = f"{model_name} / {emb}"
             results[key] = score_votes(ref[emb], val[emb], {lv: labels[lv][tr] for lv in levels},
@@ -225,7 +244,7 @@ def main() -> None:
         concerto.HEAD_SCALE = args.head_scale
     if args.models:
         MODELS[:] = [MODELS[int(i)] for i in args.models.split(",")]
-    loaders = {"pbmc10k": _split_pbmc10k, "liao": _split_liao, "adtnorm": _split_adtnorm}
+    loaders = {"pbmc10k": _split_pbmc10k, "liao": _split_liao, "adtnorm": _split_adtnorm, "asap": _split_asap}
     out = {t: run_task(t, loaders[t]) for t in args.tasks.split(",") if t}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(out, indent=2))

@@ -171,6 +171,8 @@ def embedding_head_weights(config: ConcertoConfig, state: Mapping[str, torch.Ten
         if config.embedding == "teacher+student":
             weight = HEAD_SCALE * np.concatenate([weight, array(f"student_heads.linears.{i}.weight")], axis=1)
             bias = bias + array(f"student_heads.linears.{i}.bias")
+        elif config.embedding == "normalised-teacher":
+            weight = HEAD_SCALE * weight
         out.append((weight.astype(np.float32), bias.astype(np.float32)))
     return out
 
@@ -278,6 +280,8 @@ class Concerto(nn.Module):
     def _cell_embedding(self, teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
         if self.config.embedding == "teacher+student":
             return torch.cat([F.normalize(teacher.float(), dim=1), F.normalize(student.float(), dim=1)], 1)
+        if self.config.embedding == "normalised-teacher":
+            return F.normalize(teacher.float(), dim=1)
         return teacher
 
     def _domain(self, batch: Batch) -> torch.Tensor:
@@ -327,11 +331,13 @@ class Concerto(nn.Module):
         out = {"contrastive": contrastive.detach()}
         if self.heads is not None and "labels" in batch:
             labels = batch["labels"][keep]
-            if self.student_heads is not None:
-                head_loss = (self.heads.loss(HEAD_SCALE * F.normalize(t.float(), dim=1), labels)[0]
-                             + self.student_heads.loss(HEAD_SCALE * F.normalize(s.float(), dim=1), labels)[0])
-            else:
+            if self.config.embedding == "teacher":
                 head_loss, _ = self.heads.loss(t, labels)
+            else:  # cosine classifiers: each network's heads over its L2-normalised output
+                head_loss = self.heads.loss(HEAD_SCALE * F.normalize(t.float(), dim=1), labels)[0]
+                if self.student_heads is not None:
+                    head_loss = head_loss + self.student_heads.loss(HEAD_SCALE * F.normalize(s.float(), dim=1),
+                                                                    labels)[0]
             loss = loss + self.head_weight * head_loss
             out["head_loss"] = head_loss.detach()
         with torch.no_grad():
@@ -348,8 +354,10 @@ class Concerto(nn.Module):
         """Class probabilities [B, C] of every label level from cell embeddings (none: no heads)."""
         if self.heads is None:
             return []
-        if self.student_heads is None:
+        if self.config.embedding == "teacher":
             return [torch.softmax(logits.float(), dim=1) for logits in self.heads.logits(embedding)]
+        if self.student_heads is None:  # the normalised teacher
+            return [torch.softmax(logits.float(), dim=1) for logits in self.heads.logits(HEAD_SCALE * embedding.float())]
         d = self.config.embed_dim
         teacher = self.heads.logits(HEAD_SCALE * embedding[:, :d].float())
         student = self.student_heads.logits(HEAD_SCALE * embedding[:, d:].float())

@@ -125,7 +125,8 @@ def run_task(out: Path, *, title: str, adata, is_ref: np.ndarray, levels: list[s
         methods["scANVI (scArches)"] = peers.scanvi_surgery(reference, query_cells, levels, ref_batch=ref_batch,
                                                             query_batch=query_batch, unlabeled=unlabeled, budget=budget)
         notes["scANVI (scArches)"] = (f"scVI {budget.scvi_epochs} + scANVI {budget.scanvi_epochs} epochs per level + "
-                                      f"query {budget.query_epochs} epochs, negative-binomial model of the antibody counts")
+                                      f"query {budget.query_epochs} epochs, negative-binomial model of the "
+                                      + ("antibody counts" if modality == "protein" else "RNA counts"))
     else:
         say(f"{title}: scANVI — one scVI epoch, to project the default budget")
         per_epoch = scvi_epoch_seconds(reference, ref_batch)

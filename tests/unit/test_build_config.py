@@ -23,6 +23,17 @@ def test_round_trip_through_a_plain_dict():
     assert again == build
 
 
+@pytest.mark.parametrize("modalities, balance, expected", [
+    (["RNA"], None, 0.5), (["protein"], None, 0.0), (["RNA", "protein"], None, 0.5), (["protein"], 1.0, 1.0),
+])
+def test_vote_balance_default_follows_the_modalities_and_is_stored_resolved(modalities, balance, expected):
+    index = {"levels": ["a"]} if balance is None else {"levels": ["a"], "vote_balance": balance}
+    build = build_config_from_dict({**MINIMAL, "model": {"model": "concerto", "modalities": modalities},
+                                    "index": index})
+    assert build.index.vote_balance == expected
+    assert build.to_dict()["index"]["vote_balance"] == expected
+
+
 @pytest.mark.parametrize("bad, message", [
     ({**MINIMAL, "trian": {}}, "unknown top-level key"),
     ({**MINIMAL, "train": {"epoch": 3}}, "unknown key.*'train'"),

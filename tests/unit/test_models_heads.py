@@ -79,7 +79,8 @@ def test_concerto_trains_heads_only_when_it_has_labels_and_numpy_probabilities_m
     labelled = model({**batch, "labels": torch.from_numpy(rng.integers(-1, 3, (32, 1)))})
     assert float(labelled["loss"]) > float(labelled["contrastive"]) and float(labelled["head_loss"]) > 0
     assert model.student_heads is not None  # the default embedding: each network has its heads
-    for m in (model, build_model(ConcertoConfig(embed_dim=16, embedding="teacher"), {"RNA": 20}, 1, (3,))):
+    for m in (model, *(build_model(ConcertoConfig(embed_dim=16, embedding=e), {"RNA": 20}, 1, (3,))
+                       for e in ("teacher", "normalised-teacher"))):
         emb = m.embed(batch)
         torch_p = m.head_probabilities(emb)[0].numpy()
         weights = embedding_head_weights(m.config, m.state_dict(), 1)
