@@ -247,8 +247,10 @@ VARIANTS = {
 }
 
 
-def rejection_scores(emb_ref, emb_val, ref_l1, p1, classes1, k: int = 25) -> dict[str, np.ndarray]:
-    """Candidate unknown scores (higher = more likely a type the reference lacks)."""
+def rejection_scores(emb_ref, emb_val, ref_l1, p1, classes1, k: int = 25, half: int | None = None
+                     ) -> dict[str, np.ndarray]:
+    """Candidate unknown scores (higher = more likely a type the reference lacks); ``half``: the
+    width of the teacher's part of a teacher + student embedding (then also scored per half)."""
     r = emb_ref / np.linalg.norm(emb_ref, axis=1, keepdims=True).clip(1e-12)
     v = emb_val / np.linalg.norm(emb_val, axis=1, keepdims=True).clip(1e-12)
     sims = v @ r.T
@@ -280,6 +282,19 @@ def rejection_scores(emb_ref, emb_val, ref_l1, p1, classes1, k: int = 25) -> dic
         out["1 - balanced vote share"] = 1 - bshare
         out["1 - balanced vote x head x relative similarity"] = 1 - bshare * bhead * np.minimum(brel, 1.0)
         out["1 - head x relative similarity (balanced vote's label)"] = 1 - bhead * np.minimum(brel, 1.0)
+        if half is not None:  # teacher + student: the distance measured in one network's half only
+            for name, cols in (("teacher half", slice(0, half)), ("student half", slice(half, None))):
+                hr = emb_ref[:, cols] / np.linalg.norm(emb_ref[:, cols], axis=1, keepdims=True).clip(1e-12)
+                hv = emb_val[:, cols] / np.linalg.norm(emb_val[:, cols], axis=1, keepdims=True).clip(1e-12)
+                h_close = np.sort(hv @ hr.T, axis=1)[:, -k:].mean(1)
+                h_ref = hr @ hr.T
+                np.fill_diagonal(h_ref, -np.inf)
+                h_ref_close = np.sort(h_ref, axis=1)[:, -k:].mean(1)
+                h_typical = {c: np.median(h_ref_close[ref_l1 == c]) for c in set(ref_l1) if c}
+                h_rel = np.minimum(h_close / np.array([h_typical.get(c, np.median(h_ref_close)) for c in bvote]), 1.0)
+                out[f"1 - relative similarity, {name}"] = 1 - h_rel
+                out[f"1 - balanced vote x head x relative similarity, {name}"] = 1 - bshare * bhead * h_rel
+                out[f"1 - head x relative similarity, {name}"] = 1 - bhead * h_rel
     return out
 
 
@@ -321,7 +336,8 @@ def run_rejection(held_out_types=("NK", "B"), head_weights=(1.0,)) -> dict:
                       steps_per_epoch=max(1, tr.size // BATCH))
             emb_ref, emb_val = model.embed(train_batch).numpy(), model.embed(val_batch).numpy()
             p1 = model.head_probabilities(torch.from_numpy(emb_val))[0].numpy() if heads else None
-            scores = rejection_scores(emb_ref, emb_val, labels[levels[0]][tr], p1, classes[0])
+            scores = rejection_scores(emb_ref, emb_val, labels[levels[0]][tr], p1, classes[0],
+                                      half=model.config.embed_dim if model.student_heads is not None else None)
             aurocs = {name: round(float(roc_auc_score(is_held, sc)), 4) for name, sc in scores.items()}
             out[f"{held} left out, {variant}"] = aurocs
             print(f"[rejection] {held} left out, {variant}: {aurocs}", flush=True)
