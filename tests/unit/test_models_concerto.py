@@ -116,17 +116,10 @@ def test_manifest_without_embedding_option_reads_as_teacher_only():
     assert config_from_dict({"model": "concerto"}).embedding == "teacher+student"
 
 
-def test_auto_embedding_is_the_normalised_teacher_for_a_protein_panel_only():
-    """Validated per modality (benchmarks/validate_embedding.py); stored resolved."""
-    from atlas.models.config import default_embedding
-
-    assert config_from_dict({"model": "concerto", "modalities": ["protein"]}).embedding == "normalised-teacher"
-    assert config_from_dict({"model": "concerto", "modalities": ["RNA", "protein"]}).embedding == "teacher+student"
-    assert config_to_dict(ConcertoConfig(modalities=("ATAC",)))["embedding"] == "teacher+student"
-    assert ConcertoConfig(modalities=("protein",), embedding="teacher").embedding == "teacher"  # explicit wins
-    assert default_embedding(()) == "teacher+student"
+def test_normalised_teacher_embedding_is_the_unit_teacher_with_cosine_heads():
     torch.manual_seed(0)
-    model = build_model(ConcertoConfig(modalities=("protein",), embed_dim=16), {"protein": 6}, 2, n_classes=(3,))
+    model = build_model(ConcertoConfig(modalities=("protein",), embed_dim=16, embedding="normalised-teacher"),
+                        {"protein": 6}, 2, n_classes=(3,))
     batch = {k: v for k, v in _batch().items() if not k.startswith("RNA")}
     model.train()
     out = model({**batch, "labels": torch.tensor([[0], [1], [2], [-1]] * 3)})
@@ -134,6 +127,9 @@ def test_auto_embedding_is_the_normalised_teacher_for_a_protein_panel_only():
     z = model.embed(batch)
     assert z.shape == (12, 16)
     torch.testing.assert_close(z.norm(dim=1), torch.ones(12))
+    model.eval()
+    t = model.teachers["protein"](batch["protein_ids"], batch["protein_values"], batch["protein_mask"], batch["domain"])[0]
+    torch.testing.assert_close(z, F.normalize(t, dim=1))
 
 
 def test_embed_is_deterministic_and_padding_free():
