@@ -285,7 +285,8 @@ def _calibrate(build: BuildConfig, layout, shards_dir: Path, embeddings: np.ndar
         # the distance to the reference sharpened the confidence in the teacher's embedding (mean
         # AUROC 0.900 vs 0.871 for the head probability alone) but blurred it in the teacher +
         # student one (0.798 vs 0.859 for vote share x head probability), where the student half
-        # keeps an unseen type close to its nearest known one.
+        # keeps an unseen type close to its nearest known one. The normalised teacher keeps the
+        # term as the teacher did (not validated separately for rejection).
         relative_similarity=getattr(build.model, "embedding", "teacher") != "teacher+student",
     )
     shown = ", ".join(f"{lv} {v:.3f}" for lv, v in mapping["thresholds"].items() if v is not None)
