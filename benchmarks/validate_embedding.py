@@ -48,6 +48,8 @@ MODELS = [("teacher heads", "teacher"), ("teacher + student heads", "dual"),
           ("heads on the unit teacher", "unit teacher"), ("unit heads on both networks", "unit dual")]
 UNIT_SCALE = 10.0
 SEEDS = [0]
+#: Which normalisation layers an unseen validation domain gets its own statistics in (--query-layers).
+QUERY_LAYERS = ["input"]
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -149,7 +151,7 @@ def embeddings(model, batch, unseen: bool) -> dict[str, np.ndarray]:
     domain, with its own input statistics (the mapping default)."""
     from atlas.models.concerto import eval_mode
 
-    net, b = as_unseen_query(model, batch) if unseen else (model, batch)
+    net, b = as_unseen_query(model, batch, QUERY_LAYERS[0]) if unseen else (model, batch)
     with torch.no_grad(), eval_mode(net):
         views = net._views(b, with_student=True)
     t, s = views["teacher"].numpy(), views["student"].numpy()
@@ -235,9 +237,12 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--head-scale", type=float, default=None, help="override the model's HEAD_SCALE")
     parser.add_argument("--models", default=None, help="comma-separated indices of MODELS")
+    parser.add_argument("--query-layers", choices=("input", "all"), default="input",
+                        help="unseen validation domains: own statistics in the input normalisation or in every layer")
     args = parser.parse_args()
     torch.set_num_threads(2)
     SEEDS[:] = [int(x) for x in args.seeds.split(",")]
+    QUERY_LAYERS[:] = [args.query_layers]
     if args.head_scale is not None:
         import atlas.models.concerto as concerto
 

@@ -205,9 +205,10 @@ def run_task(name: str, loader, variants: dict) -> dict:
     return results
 
 
-def as_unseen_query(model, batch):
+def as_unseen_query(model, batch, layers: str = "input"):
     """``(adapted model, batch)``: ``batch``'s cells as one query domain the model never saw, with
-    its own input statistics (the mapping default, ``layers="input"``)."""
+    its own statistics in the input normalisation (the mapping default, ``layers="input"``) or in
+    every normalisation layer (``"all"``, as ``domain_statistics="all"``)."""
     from atlas.models.recalibrate import with_query_domains
     from atlas.train.step import minibatches
 
@@ -218,7 +219,7 @@ def as_unseen_query(model, batch):
         for b in minibatches(batch, 1024, shuffle=False, drop_last=False):
             adapted.embed(as_query(b, offset))
 
-    adapted, offset = with_query_domains(model, 1, forward, layers="input")
+    adapted, offset = with_query_domains(model, 1, forward, layers=layers)
     return adapted, as_query(batch, offset)
 
 
