@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from validate_heads import BATCH, EPOCHS, LR, _codes, _split_liao, _split_pbmc10k, as_unseen_query  # noqa: E402
+from validate_heads import BATCH, EPOCHS, LR, _codes, _normalise, _split_liao, _split_pbmc10k, as_unseen_query  # noqa: E402
 
 HEAD_WEIGHT = 3.0
 MODELS = [("teacher heads", "teacher"), ("teacher + student heads", "dual"),
@@ -50,10 +50,6 @@ UNIT_SCALE = 10.0
 SEEDS = [0]
 #: Which normalisation layers an unseen validation domain gets its own statistics in (--query-layers).
 QUERY_LAYERS = ["input"]
-
-
-def _normalise(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
 
 
 def balanced_vote(sims, labels, k, power, allowed=None):
@@ -148,7 +144,8 @@ def train(counts, codes, classes, tr, domain, heads: str, seed: int = 0, modalit
 
 def embeddings(model, batch, unseen: bool) -> dict[str, np.ndarray]:
     """Teacher, student and concatenated embeddings (eval mode); ``unseen``: as a query of a new
-    domain, with its own input statistics (the mapping default)."""
+    domain, with its own statistics (``--query-layers``: the input normalisation, the mapping
+    default, or every layer)."""
     from atlas.models.concerto import eval_mode
 
     net, b = as_unseen_query(model, batch, QUERY_LAYERS[0]) if unseen else (model, batch)

@@ -248,51 +248,58 @@ VARIANTS = {
 }
 
 
-def rejection_scores(emb_ref, emb_val, ref_l1, p1, classes1, k: int = 25, half: int | None = None
-                     ) -> dict[str, np.ndarray]:
-    """Candidate unknown scores (higher = more likely a type the reference lacks); ``half``: the
-    width of the teacher's part of a teacher + student embedding (then also scored per half)."""
-    r = emb_ref / np.linalg.norm(emb_ref, axis=1, keepdims=True).clip(1e-12)
-    v = emb_val / np.linalg.norm(emb_val, axis=1, keepdims=True).clip(1e-12)
-    sims = v @ r.T
-    vote, share = _vote(sims, ref_l1, k)
-    top = np.sort(sims, axis=1)[:, -k:]
-    closeness = top.mean(1)
-    # The reference's own closeness (leave-one-out), per class: how close its cells usually are.
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
+
+
+def _closeness(emb_ref, emb_val, ref_l1, k: int):
+    """``(closeness, relative)``: each validation cell's mean cosine similarity to its ``k`` nearest
+    reference cells, and ``relative(voted)`` → that closeness over the voted class's typical one
+    (the median of its reference cells' own leave-one-out closeness), capped at 1."""
+    r, v = _normalise(emb_ref), _normalise(emb_val)
+    closeness = np.sort(v @ r.T, axis=1)[:, -k:].mean(1)
     ref_sims = r @ r.T
     np.fill_diagonal(ref_sims, -np.inf)
     ref_close = np.sort(ref_sims, axis=1)[:, -k:].mean(1)
     typical = {c: np.median(ref_close[ref_l1 == c]) for c in set(ref_l1) if c}
-    relative = closeness / np.array([typical.get(c, np.median(ref_close)) for c in vote])
+    fallback = np.median(ref_close)
+
+    def relative(voted):
+        return np.minimum(closeness / np.array([typical.get(c, fallback) for c in voted]), 1.0)
+
+    return closeness, relative
+
+
+def rejection_scores(emb_ref, emb_val, ref_l1, p1, classes1, k: int = 25, half: int | None = None
+                     ) -> dict[str, np.ndarray]:
+    """Candidate unknown scores (higher = more likely a type the reference lacks); ``half``: the
+    width of the teacher's part of a teacher + student embedding (then also scored per half)."""
+    sims = _normalise(emb_val) @ _normalise(emb_ref).T
+    vote, share = _vote(sims, ref_l1, k)
+    closeness, relative_to = _closeness(emb_ref, emb_val, ref_l1, k)
+    relative = relative_to(vote)
     out = {"1 - vote share": 1 - share, "1 - mean similarity of k nearest": 1 - closeness,
-           "1 - similarity relative to the voted class": 1 - np.minimum(relative, 1.0)}
+           "1 - similarity relative to the voted class": 1 - relative}
     if p1 is not None:
         index = {c: i for i, c in enumerate(classes1)}
         head_of_vote = np.array([p1[i, index[c]] if c in index else 0.0 for i, c in enumerate(vote)])
         out["1 - head max probability"] = 1 - p1.max(1)
         out["1 - head probability of the voted type"] = 1 - head_of_vote
         out["1 - vote share x head probability"] = 1 - share * head_of_vote
-        out["1 - head probability x relative similarity"] = 1 - head_of_vote * np.minimum(relative, 1.0)
-        out["1 - vote x head x relative similarity"] = 1 - share * head_of_vote * np.minimum(relative, 1.0)
+        out["1 - head probability x relative similarity"] = 1 - head_of_vote * relative
+        out["1 - vote x head x relative similarity"] = 1 - share * head_of_vote * relative
         # As mapping scores it now: the vote weighted by label rarity (index.vote_balance 0.5).
         from validate_embedding import balanced_vote
 
         bvote, bshare = balanced_vote(sims, ref_l1, k, 0.5)
         bhead = np.array([p1[i, index[c]] if c in index else 0.0 for i, c in enumerate(bvote)])
-        brel = closeness / np.array([typical.get(c, np.median(ref_close)) for c in bvote])
+        brel = relative_to(bvote)
         out["1 - balanced vote share"] = 1 - bshare
-        out["1 - balanced vote x head x relative similarity"] = 1 - bshare * bhead * np.minimum(brel, 1.0)
-        out["1 - head x relative similarity (balanced vote's label)"] = 1 - bhead * np.minimum(brel, 1.0)
+        out["1 - balanced vote x head x relative similarity"] = 1 - bshare * bhead * brel
+        out["1 - head x relative similarity (balanced vote's label)"] = 1 - bhead * brel
         if half is not None:  # teacher + student: the distance measured in one network's half only
             for name, cols in (("teacher half", slice(0, half)), ("student half", slice(half, None))):
-                hr = emb_ref[:, cols] / np.linalg.norm(emb_ref[:, cols], axis=1, keepdims=True).clip(1e-12)
-                hv = emb_val[:, cols] / np.linalg.norm(emb_val[:, cols], axis=1, keepdims=True).clip(1e-12)
-                h_close = np.sort(hv @ hr.T, axis=1)[:, -k:].mean(1)
-                h_ref = hr @ hr.T
-                np.fill_diagonal(h_ref, -np.inf)
-                h_ref_close = np.sort(h_ref, axis=1)[:, -k:].mean(1)
-                h_typical = {c: np.median(h_ref_close[ref_l1 == c]) for c in set(ref_l1) if c}
-                h_rel = np.minimum(h_close / np.array([h_typical.get(c, np.median(h_ref_close)) for c in bvote]), 1.0)
+                h_rel = _closeness(emb_ref[:, cols], emb_val[:, cols], ref_l1, k)[1](bvote)
                 out[f"1 - relative similarity, {name}"] = 1 - h_rel
                 out[f"1 - balanced vote x head x relative similarity, {name}"] = 1 - bshare * bhead * h_rel
                 out[f"1 - head x relative similarity, {name}"] = 1 - bhead * h_rel

@@ -356,12 +356,14 @@ class Concerto(nn.Module):
             return []
         if self.config.embedding == "teacher":
             return [torch.softmax(logits.float(), dim=1) for logits in self.heads.logits(embedding)]
-        if self.student_heads is None:  # the normalised teacher
-            return [torch.softmax(logits.float(), dim=1) for logits in self.heads.logits(HEAD_SCALE * embedding.float())]
+        # Cosine heads: the teacher's over the first embed_dim columns (all of them for the
+        # normalised teacher), the student's, if any, over the rest; their logits add up.
         d = self.config.embed_dim
-        teacher = self.heads.logits(HEAD_SCALE * embedding[:, :d].float())
-        student = self.student_heads.logits(HEAD_SCALE * embedding[:, d:].float())
-        return [torch.softmax(a + b, dim=1) for a, b in zip(teacher, student)]
+        logits = self.heads.logits(HEAD_SCALE * embedding[:, :d].float())
+        if self.student_heads is not None:
+            student = self.student_heads.logits(HEAD_SCALE * embedding[:, d:].float())
+            logits = [a + b for a, b in zip(logits, student)]
+        return [torch.softmax(x, dim=1) for x in logits]
 
     @torch.no_grad()
     def embed(self, batch: Batch) -> torch.Tensor:
