@@ -270,6 +270,26 @@ def _closeness(emb_ref, emb_val, ref_l1, k: int):
     return closeness, relative
 
 
+def _closeness_in_part(emb_ref, emb_val, ref_l1, k: int, cols: slice):
+    """As :func:`_closeness`, but the neighbours are found in the whole embedding and their
+    similarity measured in ``cols`` only (what the shards can return without a second search)."""
+    r, v = _normalise(emb_ref), _normalise(emb_val)
+    rp, vp = _normalise(emb_ref[:, cols]), _normalise(emb_val[:, cols])
+    top = np.argpartition(-(v @ r.T), kth=k, axis=1)[:, :k]
+    closeness = np.einsum("nd,nkd->nk", vp, rp[top]).mean(1)
+    ref_sims = r @ r.T
+    np.fill_diagonal(ref_sims, -np.inf)
+    ref_top = np.argpartition(-ref_sims, kth=k, axis=1)[:, :k]
+    ref_close = np.einsum("nd,nkd->nk", rp, rp[ref_top]).mean(1)
+    typical = {c: np.median(ref_close[ref_l1 == c]) for c in set(ref_l1) if c}
+    fallback = np.median(ref_close)
+
+    def relative(voted):
+        return np.minimum(closeness / np.array([typical.get(c, fallback) for c in voted]), 1.0)
+
+    return closeness, relative
+
+
 def rejection_scores(emb_ref, emb_val, ref_l1, p1, classes1, k: int = 25, half: int | None = None
                      ) -> dict[str, np.ndarray]:
     """Candidate unknown scores (higher = more likely a type the reference lacks); ``half``: the
@@ -303,6 +323,11 @@ def rejection_scores(emb_ref, emb_val, ref_l1, p1, classes1, k: int = 25, half: 
                 out[f"1 - relative similarity, {name}"] = 1 - h_rel
                 out[f"1 - balanced vote x head x relative similarity, {name}"] = 1 - bshare * bhead * h_rel
                 out[f"1 - head x relative similarity, {name}"] = 1 - bhead * h_rel
+            p_rel = _closeness_in_part(emb_ref, emb_val, ref_l1, k, slice(0, half))[1](bvote)
+            out["1 - relative similarity, teacher half of whole-embedding neighbours"] = 1 - p_rel
+            out["1 - balanced vote x head x relative similarity, teacher half of whole-embedding neighbours"] = (
+                1 - bshare * bhead * p_rel)
+            out["1 - head x relative similarity, teacher half of whole-embedding neighbours"] = 1 - bhead * p_rel
     return out
 
 
@@ -387,6 +412,7 @@ def main() -> None:
     parser.add_argument("--tasks", default="pbmc10k,liao,rejection,adtnorm")
     parser.add_argument("--variants", default=None, help="comma-separated subset of the variant names' indices")
     parser.add_argument("--rejection-weights", default="1", help="rejection: head weights to compare")
+    parser.add_argument("--held-out", default="NK,B", help="rejection: level-1 types left out, one model each")
     parser.add_argument("--head-weights", default="0,1,3", help="adtnorm: the head weights to build atlases with")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out" / "heads")
     args = parser.parse_args()
@@ -399,7 +425,8 @@ def main() -> None:
     tasks = [t for t in args.tasks.split(",") if t]
     out = {t: run_task(t, loaders[t], variants) for t in tasks if t in loaders}
     if "rejection" in tasks:
-        out["rejection"] = run_rejection(head_weights=tuple(float(w) for w in args.rejection_weights.split(",")))
+        out["rejection"] = run_rejection(tuple(args.held_out.split(",")),
+                                         tuple(float(w) for w in args.rejection_weights.split(",")))
     if "adtnorm" in tasks:
         out["adtnorm"] = run_adtnorm(tuple(float(w) for w in args.head_weights.split(",")))
     args.out.mkdir(parents=True, exist_ok=True)
