@@ -21,6 +21,7 @@ import pyarrow as pa
 import ray
 import ray.train
 import torch
+from pydantic import ConfigDict, with_config
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 from ray.data.collate_fn import ArrowBatchCollateFn
@@ -34,6 +35,7 @@ from atlas.store.versions import current_version, is_store
 UNKNOWN_DOMAIN = -1
 
 
+@with_config(ConfigDict(extra="forbid"))
 @dataclass(frozen=True)
 class StreamConfig:
     """How cells are streamed to training (stored in the build config)."""

@@ -1,22 +1,29 @@
 """Typed model configurations and the one model factory.
 
-Each model has a frozen dataclass config. ``config_to_dict`` gives a JSON-able dict (stored in
-the atlas artifact's manifest), ``config_from_dict`` reads it back (the ``"model"`` key picks
-the class), and ``build_model`` turns a config plus the store's vocabulary sizes into a module,
-so any atlas can be rebuilt from its manifest.
+Each model has a frozen dataclass config, validated by pydantic (the one configuration
+mechanism of the project: build configs and the service's arguments are read the same way).
+``config_to_dict`` gives a JSON-able dict (stored in the atlas artifact's manifest),
+``config_from_dict`` reads it back (the ``"model"`` key picks the class), and ``build_model``
+turns a config plus the store's vocabulary sizes into a module, so any atlas can be rebuilt from
+its manifest.
 """
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, with_config
 from torch import nn
+
+#: Every configuration section refuses keys it does not know (a typo must not pass silently).
+CLOSED = ConfigDict(extra="forbid")
 
 MODALITY_NAMES = ("RNA", "protein", "ATAC")
 
 
+@with_config(CLOSED)
 @dataclass(frozen=True)
 class ConcertoConfig:
     """Concerto: contrastive self-distillation between an attention teacher and a dense student."""
@@ -56,6 +63,7 @@ class ConcertoConfig:
     embedding: Literal["teacher", "normalised-teacher", "teacher+student"] = "teacher+student"
 
 
+@with_config(CLOSED)
 @dataclass(frozen=True)
 class CVQVAEConfig:
     """CVQVAE: two cross-trained encoder/decoder pairs with a vector-quantised latent."""
@@ -92,28 +100,47 @@ class CVQVAEConfig:
     lambdas: tuple[float, float, float] = (1.0, 1.0, 10.0)
 
 
-ModelConfig = ConcertoConfig | CVQVAEConfig
-_CLASSES: dict[str, type] = {"concerto": ConcertoConfig, "cvqvae": CVQVAEConfig}
+ModelConfig = Annotated[ConcertoConfig | CVQVAEConfig, Field(discriminator="model")]
+"""A model's config: the ``"model"`` key (``concerto`` / ``cvqvae``) picks the class."""
+_MODEL_TAGS = ("concerto", "cvqvae")
+MODEL_CONFIG: TypeAdapter[ConcertoConfig | CVQVAEConfig] = TypeAdapter(ModelConfig)
 
 
-def config_to_dict(config: ModelConfig) -> dict[str, Any]:
+def validation_message(error: ValidationError, allowed: Mapping[str, Sequence[str]] | None = None) -> str:
+    """One line naming the key at fault for each problem of a pydantic ``error``. ``allowed``
+    (section → its keys; ``""`` = top level) adds the keys a section takes to "unknown key"."""
+    lines = []
+    for e in error.errors():
+        path = [str(p) for p in e["loc"] if str(p) not in _MODEL_TAGS]  # the union's member tag is noise
+        where, key = ".".join(path[:-1]), (path[-1] if path else "")
+        kind, message = e["type"], e["msg"].removeprefix("Value error, ")
+        if kind in ("extra_forbidden", "unexpected_keyword_argument"):
+            line = f"unknown key '{key}' in section '{where}'" if where else f"unknown top-level key '{key}'"
+            if allowed and where in allowed:
+                line += f" (allowed: {', '.join(sorted(allowed[where]))})"
+        elif kind in ("missing", "missing_argument"):
+            line = f"'{where}' needs '{key}'" if where else f"needs '{key}'"
+        elif kind == "union_tag_invalid":
+            line = f"unknown model {e['ctx']['tag']!r}; expected one of {e['ctx']['expected_tags']}"
+        elif kind == "union_tag_not_found":
+            line = f"'{'.'.join(path) or 'model'}' needs a 'model' key: concerto or cvqvae"
+        else:
+            line = f"'{'.'.join(path)}': {message}" if path else message
+        lines.append(line)
+    return "; ".join(lines)
+
+
+def config_to_dict(config: ConcertoConfig | CVQVAEConfig) -> dict[str, Any]:
     """JSON-able dict of a config (tuples become lists)."""
-    out = dataclasses.asdict(config)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+    return MODEL_CONFIG.dump_python(config, mode="json")
 
 
-def config_from_dict(data: dict[str, Any]) -> ModelConfig:
-    """Inverse of :func:`config_to_dict`; unknown keys are an error (a typo must not pass silently)."""
-    kind = data.get("model")
-    if kind not in _CLASSES:
-        raise ValueError(f"unknown model {kind!r}; expected one of {sorted(_CLASSES)}")
-    cls = _CLASSES[kind]
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(names)
-    if unknown:
-        raise ValueError(f"unknown {kind} config keys: {sorted(unknown)}")
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-    return cls(**kwargs)
+def config_from_dict(data: dict[str, Any]) -> ConcertoConfig | CVQVAEConfig:
+    """Inverse of :func:`config_to_dict`; unknown keys are an error (ValueError naming them)."""
+    try:
+        return MODEL_CONFIG.validate_python(data)
+    except ValidationError as err:
+        raise ValueError(validation_message(err)) from None
 
 
 def _check_modalities(modalities: tuple[str, ...], vocab_sizes: dict[str, int]) -> None:
@@ -124,7 +151,7 @@ def _check_modalities(modalities: tuple[str, ...], vocab_sizes: dict[str, int]) 
             raise ValueError(f"no vocabulary size for modality {m!r} (got {sorted(vocab_sizes)})")
 
 
-def build_model(config: ModelConfig, vocab_sizes: dict[str, int], n_domains: int,
+def build_model(config: ConcertoConfig | CVQVAEConfig | dict[str, Any], vocab_sizes: dict[str, int], n_domains: int,
                 n_classes: tuple[int, ...] = ()) -> nn.Module:
     """Build the model a config describes.
 

@@ -11,7 +11,9 @@ Example ``build.yaml``::
     scaling: {num_workers: 2, use_gpu: false}
     index: {levels: [cell_type_l1, cell_type_l2], profiles: [protein]}
 
-Every section has defaults; unknown keys are errors (a typo must not be silently ignored).
+Every section has defaults; unknown keys are errors (a typo must not be silently ignored). The
+sections are frozen dataclasses validated by pydantic, as the service's arguments are
+(:class:`atlas.service.config.ServiceArgs`): one configuration mechanism for the project.
 """
 
 from __future__ import annotations
@@ -22,16 +24,18 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import TypeAdapter, ValidationError, with_config
 
 from atlas.data.dataset import StreamConfig
 from atlas.errors import AtlasError
-from atlas.models.config import ModelConfig, config_from_dict, config_to_dict
+from atlas.models.config import CLOSED, ModelConfig, validation_message
 
 
 class ConfigError(AtlasError, ValueError):
     """A build config that cannot be used, with the key at fault."""
 
 
+@with_config(CLOSED)
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation settings (the schedule itself is the method's: see atlas.train.step)."""
@@ -50,6 +54,7 @@ class TrainConfig:
     """CVQVAE PCA/LSI views are fitted on at most this many reference cells."""
 
 
+@with_config(CLOSED)
 @dataclass(frozen=True)
 class ScalingSection:
     """Ray Train workers (``ray.train.ScalingConfig``)."""
@@ -60,6 +65,7 @@ class ScalingSection:
     resources_per_worker: dict = field(default_factory=dict)
 
 
+@with_config(CLOSED)
 @dataclass(frozen=True)
 class RunSection:
     """Where checkpoints go and how failures are handled (``RunConfig``, ``FailureConfig``)."""
@@ -69,6 +75,7 @@ class RunSection:
     max_failures: int = 2
 
 
+@with_config(CLOSED)
 @dataclass(frozen=True)
 class IndexSection:
     """Reference embedding, faiss index layout and modality profiles."""
@@ -103,6 +110,7 @@ def default_vote_balance(modalities: tuple[str, ...] | list[str]) -> float:
     return 0.0 if modalities and set(modalities) == {"protein"} else 0.5
 
 
+@with_config(CLOSED)
 @dataclass(frozen=True)
 class BuildConfig:
     """Everything needed to rebuild an atlas."""
@@ -127,74 +135,36 @@ class BuildConfig:
         return self.run.storage_path or str(Path(self.output).resolve().parent / "runs")
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.name, "store": self.store, "output": self.output}
-        out["model"] = config_to_dict(self.model)
-        for section in ("data", "train", "scaling", "run", "index"):
-            out[section] = _plain(dataclasses.asdict(getattr(self, section)))
-        return out
+        """A JSON-able dict (what the manifest stores; :func:`build_config_from_dict` reads it back)."""
+        return _BUILD_CONFIG.dump_python(self, mode="json")
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _section(cls: type, data: dict | None, name: str):
-    data = dict(data or {})
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in section '{name}'; allowed: {sorted(fields)}")
-    for key, value in data.items():
-        if isinstance(value, list):
-            data[key] = tuple(value)
-    try:
-        return cls(**data)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"section '{name}': {err}") from err
+_BUILD_CONFIG: TypeAdapter[BuildConfig] = TypeAdapter(BuildConfig)
+_SECTION_KEYS = {name: [f.name for f in dataclasses.fields(cls)] for name, cls in (
+    ("", BuildConfig), ("data", StreamConfig), ("train", TrainConfig), ("scaling", ScalingSection),
+    ("run", RunSection), ("index", IndexSection))}
 
 
 def build_config_from_dict(data: dict[str, Any], base_dir: Path | None = None) -> BuildConfig:
     """Validate a parsed YAML/JSON build config; relative paths are resolved against ``base_dir``."""
     if not isinstance(data, dict):
         raise ConfigError("a build config is a mapping with at least 'store', 'output' and 'model'")
-    allowed = {"name", "store", "output", "model", "data", "train", "scaling", "run", "index"}
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise ConfigError(f"unknown top-level key(s) {unknown}; allowed: {sorted(allowed)}")
-    for key in ("store", "output", "model"):
-        if key not in data:
-            raise ConfigError(f"the build config needs '{key}'")
     try:
-        model = config_from_dict(dict(data["model"]))
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"section 'model': {err}") from err
-    stream = _section(StreamConfig, data.get("data"), "data")
+        build = _BUILD_CONFIG.validate_python(data)
+    except ValidationError as err:
+        raise ConfigError(f"the build config: {validation_message(err, _SECTION_KEYS)}") from None
     if "modalities" not in (data.get("data") or {}):
-        stream = dataclasses.replace(stream, modalities=tuple(model.modalities))
-    missing = [m for m in model.modalities if m not in stream.modalities]
+        build = dataclasses.replace(build, data=dataclasses.replace(build.data, modalities=tuple(build.model.modalities)))
+    missing = [m for m in build.model.modalities if m not in build.data.modalities]
     if missing:
-        raise ConfigError(f"the model uses {missing} but data.modalities streams only {list(stream.modalities)}")
+        raise ConfigError(f"the model uses {missing} but data.modalities streams only {list(build.data.modalities)}")
 
     def resolve(path: str) -> str:
         if base_dir is None or "://" in path or Path(path).is_absolute():
             return path
         return str((base_dir / path).resolve())
 
-    return BuildConfig(
-        name=str(data.get("name", "atlas")),
-        store=resolve(str(data["store"])),
-        output=resolve(str(data["output"])),
-        model=model,
-        data=stream,
-        train=_section(TrainConfig, data.get("train"), "train"),
-        scaling=_section(ScalingSection, data.get("scaling"), "scaling"),
-        run=_section(RunSection, data.get("run"), "run"),
-        index=_section(IndexSection, data.get("index"), "index"),
-    )
+    return dataclasses.replace(build, store=resolve(build.store), output=resolve(build.output))
 
 
 def load_build_config(path: str | Path) -> BuildConfig:

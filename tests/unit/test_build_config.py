@@ -16,6 +16,12 @@ def test_defaults_and_model_modalities_flow_into_the_data_section():
     assert build.scaling.num_workers == 1 and build.train.epochs == 3
 
 
+def test_yaml_scalars_are_read_as_the_types_they_name():
+    # YAML 1.1 reads 1e-3 (no dot) as a string; the validator turns it into the float it names.
+    build = build_config_from_dict({**MINIMAL, "train": yaml.safe_load("lr: 1e-3\nepochs: 2")})
+    assert build.train.lr == 0.001 and build.train.epochs == 2
+
+
 def test_round_trip_through_a_plain_dict():
     build = build_config_from_dict({**MINIMAL, "index": {"levels": ["cell_type_l1", "cell_type_l2"]},
                                     "data": {"batch_size": 32, "single_domain": True}})
@@ -41,6 +47,10 @@ def test_vote_balance_default_follows_the_modalities_and_is_stored_resolved(moda
     ({**MINIMAL, "model": {"model": "scvi"}}, "unknown model"),
     ({**MINIMAL, "data": {"modalities": ["protein"]}}, "streams only"),
     ({**MINIMAL, "data": {"batch_size": 0}}, "positive"),
+    ({**MINIMAL, "train": {"epochs": "three"}}, "'train.epochs': Input should be a valid integer"),
+    ({**MINIMAL, "model": {"model": "concerto", "embeddim": 64}}, "unknown key 'embeddim' in section 'model'"),
+    ({**MINIMAL, "model": {"embed_dim": 64}}, "needs a 'model' key"),
+    ({**MINIMAL, "scaling": 2}, "'scaling': Input should be a dictionary"),
 ])
 def test_bad_configs_name_the_key_at_fault(bad, message):
     with pytest.raises(ConfigError, match=message):
