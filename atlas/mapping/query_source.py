@@ -10,9 +10,10 @@ into the small AnnData :func:`atlas.mapping.map_query` takes.
 Supported queries (the matrices are read exactly where :mod:`atlas.mapping.align` reads them):
 
 * ``.h5ad`` files and AnnData-zarr folders, through h5py / zarr (the storage anndata's backed
-  mode uses): RNA from ``layers["counts"]`` if present, else ``X`` (CSR or dense; a CSC matrix
-  cannot be read by cells and is refused); other modalities from ``obsm[m]`` or
-  ``obsm[f"{m}_counts"]``, a DataFrame whose columns are the feature ids.
+  mode uses): RNA from ``layers["counts"]`` if present, else ``X``, read by the ingest's row
+  reader (:func:`atlas.store.rows.anndata_rows`: CSR, dense, or a CSC matrix small enough to
+  read whole); other modalities from ``obsm[m]`` or ``obsm[f"{m}_counts"]``, a DataFrame whose
+  columns are the feature ids.
 * atlas stores (a folder made by ``atlas ingest``; its current version is pinned) and plain
   TileDB-SOMA experiments: each measurement's own ``var_id`` are its feature ids (a query store
   has its own vocabulary: features are matched by id, not by position); cells are named by
@@ -37,6 +38,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from atlas.mapping.align import MappingError
+from atlas.store.rows import UnreadableMatrix, anndata_rows, check_csc, element_shape, encoding, is_group
 
 FORMATS = ("h5ad", "zarr", "soma")
 
@@ -49,7 +51,7 @@ class QueryMatrix:
     """Path of the element in the AnnData file (``X``, ``layers/counts``, ``obsm/protein``), or
     the measurement name of a SOMA experiment."""
     kind: str
-    """``csr``, ``dense``, ``dataframe`` (AnnData) or ``soma``."""
+    """``matrix`` (an AnnData matrix element: CSR, CSC or dense), ``dataframe`` (AnnData) or ``soma``."""
     features: tuple[str, ...]
     """Feature id of each column, in the source's column order."""
 
@@ -147,14 +149,6 @@ def _open_root(path: str | Path, fmt: str) -> tuple[Any, Any]:
         raise MappingError(f"query {path} is not a readable zarr store ({e}); write it with adata.write_zarr") from None
 
 
-def _encoding(elem: Any) -> str:
-    return str(elem.attrs.get("encoding-type", "array"))
-
-
-def _is_group(elem: Any) -> bool:
-    return hasattr(elem, "keys") and not hasattr(elem, "dtype")
-
-
 def _strings(array: Any, start: int = 0, stop: int | None = None) -> np.ndarray:
     """String values ``start:stop`` of an h5py or zarr array, as a numpy array of ``str``."""
     stop = int(array.shape[0]) if stop is None else stop
@@ -179,17 +173,15 @@ def _index_of(group: Any) -> str:
 
 def _matrix_of(root: Any, element: str, features: tuple[str, ...], path: Path) -> QueryMatrix:
     elem = root[element]
-    kind = _encoding(elem)
-    if kind == "csr_matrix":
-        return QueryMatrix(element, "csr", features)
-    if kind == "csc_matrix":
-        raise MappingError(
-            f"query {path}: {element} is stored column by column (CSC), which cannot be read a block of "
-            "cells at a time; rewrite it as CSR (e.g. adata.X = adata.X.tocsr(); adata.write_h5ad(...)) "
-            "or map it in memory with atlas.mapping.map_query")
-    if _is_group(elem):
-        raise MappingError(f"query {path}: {element} has an unsupported encoding {kind!r}; store counts as CSR or dense")
-    return QueryMatrix(element, "dense", features)
+    kind = encoding(elem)
+    try:
+        if kind == "csc_matrix":
+            check_csc(elem)  # on the driver: a query too large to read whole fails before any task runs
+        elif is_group(elem) and kind != "csr_matrix":
+            raise UnreadableMatrix(f"has an unsupported encoding {kind!r}; store counts as a CSR or dense matrix")
+    except UnreadableMatrix as e:
+        raise MappingError(f"query {path}: {element} {e}, or map it in memory with atlas.mapping.map_query") from None
+    return QueryMatrix(element, "matrix", features)
 
 
 def _open_anndata(path: Path, fmt: str, modalities: Sequence[str]) -> QuerySource:
@@ -212,7 +204,7 @@ def _open_anndata(path: Path, fmt: str, modalities: Sequence[str]) -> QuerySourc
                 if not features:
                     continue
                 matrices[m] = _matrix_of(root, element, features, path)
-                shape = _shape(root[element])
+                shape = element_shape(root[element])
                 if shape != (n_cells, len(features)):
                     raise MappingError(f"query {path}: {element} is {shape} but obs × var is "
                                        f"{(n_cells, len(features))}; the file is inconsistent")
@@ -222,7 +214,7 @@ def _open_anndata(path: Path, fmt: str, modalities: Sequence[str]) -> QuerySourc
                 if obsm is None or key not in obsm:
                     continue
                 elem = obsm[key]
-                if _encoding(elem) != "dataframe":
+                if encoding(elem) != "dataframe":
                     raise MappingError(
                         f"query obsm[{key!r}] has no feature names; store it as a pandas DataFrame whose "
                         f"columns are the {m} feature ids")
@@ -239,12 +231,6 @@ def _open_anndata(path: Path, fmt: str, modalities: Sequence[str]) -> QuerySourc
     close()
     return QuerySource(path=str(path), format=fmt, n_cells=n_cells, matrices=matrices,
                        index_element=index_element)
-
-
-def _shape(elem: Any) -> tuple[int, int]:
-    if _encoding(elem) in ("csr_matrix", "csc_matrix"):
-        return tuple(int(s) for s in np.asarray(elem.attrs["shape"]).tolist())  # type: ignore[return-value]
-    return (int(elem.shape[0]), int(elem.shape[1]) if len(elem.shape) > 1 else 1)
 
 
 def _open_soma(path: str, uri: str, modalities: Sequence[str]) -> QuerySource:
@@ -322,12 +308,12 @@ def read_batches(source: QuerySource, block: QueryBlock) -> np.ndarray:
         root, close = _open_root(source.path, source.format)
         try:
             elem = root["obs"][key]
-            if _is_group(elem) and _encoding(elem) == "categorical":
+            if is_group(elem) and encoding(elem) == "categorical":
                 codes = np.asarray(elem["codes"][block.start : block.stop])
                 categories = _strings(elem["categories"])
                 values = pd.Series(np.where(codes >= 0, categories[np.maximum(codes, 0)], None))
-            elif _is_group(elem):
-                raise MappingError(f"query obs[{key!r}] has encoding {_encoding(elem)!r}; use a string or "
+            elif is_group(elem):
+                raise MappingError(f"query obs[{key!r}] has encoding {encoding(elem)!r}; use a string or "
                                    "categorical column as batch_key")
             elif getattr(elem.dtype, "kind", "O") in "OSUT":  # strings: decoded once, as the cell ids are
                 values = pd.Series(_strings(elem, block.start, block.stop))
@@ -351,19 +337,13 @@ def block_schema(source: QuerySource) -> pa.Schema:
 
 def _read_rows(root: Any, matrix: QueryMatrix, start: int, stop: int) -> sp.csr_matrix:
     elem = root[matrix.element]
-    n_features = len(matrix.features)
-    if matrix.kind == "csr":
-        indptr = np.asarray(elem["indptr"][start : stop + 1], dtype=np.int64)
-        lo, hi = int(indptr[0]), int(indptr[-1])
-        return sp.csr_matrix((np.asarray(elem["data"][lo:hi]), np.asarray(elem["indices"][lo:hi]), indptr - lo),
-                             shape=(stop - start, n_features))
-    if matrix.kind == "dense":
-        return sp.csr_matrix(np.asarray(elem[start:stop]).reshape(stop - start, n_features))
+    if matrix.kind == "matrix":
+        return anndata_rows(elem).rows(start, stop)
     if matrix.kind == "dataframe":
         columns = []
         for name in matrix.features:
             column = elem[name]
-            if _is_group(column):
+            if is_group(column):
                 raise MappingError(f"query {matrix.element}[{name!r}] is not numeric (categorical); it must hold counts")
             columns.append(np.asarray(column[start:stop], dtype=np.float32))
         dense = np.stack(columns, axis=1) if columns else np.zeros((stop - start, 0), np.float32)

@@ -5,8 +5,9 @@ AnnData-zarr folders, 10x Genomics ``.h5`` (v2 and v3) and 10x ``matrix.mtx`` fo
 in-memory ``AnnData`` objects (X a scipy matrix, numpy array or dask array).
 
 Why not ``anndata.read_h5ad`` in full: an atlas source can be larger than memory. The count
-matrix is only ever touched through :class:`RowMatrix.rows`, so the ingest holds one block of
-cells at a time; cell and feature ids (``obs``/``var``) are read whole, as they are small.
+matrix is only ever touched through :class:`~atlas.store.rows.RowMatrix.rows` (the one row reader,
+shared with the offline mapper: :mod:`atlas.store.rows`), so the ingest holds one block of cells
+at a time; cell and feature ids (``obs``/``var``) are read whole, as they are small.
 """
 
 from __future__ import annotations
@@ -22,90 +23,15 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from atlas.store.rows import CSRArrays, InMemoryRows, RowMatrix, UnreadableMatrix, anndata_rows
 from atlas.store.versions import StoreError
+
+__all__ = ["CSRArrays", "InMemoryRows", "Modality", "RowMatrix", "Source", "open_source"]
 
 MODALITIES = {"rna": "RNA", "protein": "protein", "atac": "ATAC"}
 """Modality name on the command line → measurement name in the store."""
 
 TENX_FEATURE_TYPES = {"rna": "Gene Expression", "protein": "Antibody Capture", "atac": "Peaks"}
-
-
-class RowMatrix:
-    """A cells × features matrix that can be read one block of rows (cells) at a time."""
-
-    shape: tuple[int, int]
-
-    def rows(self, start: int, stop: int) -> sp.csr_matrix:
-        """Rows ``start:stop`` as a CSR matrix (only these rows are read)."""
-        raise NotImplementedError
-
-    def row_nnz(self) -> np.ndarray | None:
-        """Stored entries per row when that is cheap to know (CSR index pointer), else None."""
-        return None
-
-
-class CSRArrays(RowMatrix):
-    """CSR held as three on-disk arrays (h5py or zarr): ``data``, ``indices``, ``indptr``.
-
-    This is how anndata stores a CSR X in .h5ad and zarr, and how 10x stores its matrix (CSC of
-    features × cells, i.e. CSR of cells × features). Only ``indptr`` (one int per cell) is read
-    up front.
-    """
-
-    def __init__(self, data: Any, indices: Any, indptr: Any, shape: tuple[int, int],
-                 columns: np.ndarray | None = None):
-        self._data, self._indices = data, indices
-        self._indptr = np.asarray(indptr[:], dtype=np.int64)
-        self._columns = columns  # optional column subset (10x files with several feature types)
-        n_cols = shape[1] if columns is None else len(columns)
-        self.shape = (int(shape[0]), int(n_cols))
-        self._n_source_cols = int(shape[1])
-
-    def rows(self, start: int, stop: int) -> sp.csr_matrix:
-        lo, hi = int(self._indptr[start]), int(self._indptr[stop])
-        block = sp.csr_matrix(
-            (np.asarray(self._data[lo:hi]), np.asarray(self._indices[lo:hi]),
-             self._indptr[start : stop + 1] - lo),
-            shape=(stop - start, self._n_source_cols),
-        )
-        return block if self._columns is None else block[:, self._columns].tocsr()
-
-    def row_nnz(self) -> np.ndarray | None:
-        return np.diff(self._indptr) if self._columns is None else None
-
-
-class DenseRows(RowMatrix):
-    """A dense 2-D array on disk (h5py / zarr) or in memory; rows are sliced on demand."""
-
-    def __init__(self, array: Any):
-        self._array = array
-        self.shape = (int(array.shape[0]), int(array.shape[1]))
-
-    def rows(self, start: int, stop: int) -> sp.csr_matrix:
-        return sp.csr_matrix(np.asarray(self._array[start:stop]))
-
-
-class InMemoryRows(RowMatrix):
-    """A matrix already in memory (scipy sparse, numpy) or a dask array (computed per block)."""
-
-    def __init__(self, matrix: Any):
-        if sp.issparse(matrix):
-            matrix = sp.csr_matrix(matrix)
-        self._matrix = matrix
-        self.shape = (int(matrix.shape[0]), int(matrix.shape[1]))
-
-    def rows(self, start: int, stop: int) -> sp.csr_matrix:
-        block = self._matrix[start:stop]
-        if hasattr(block, "compute"):  # dask
-            block = block.compute()
-        if hasattr(block, "to_scipy_sparse"):  # sparse-backed dask chunks
-            block = block.to_scipy_sparse()
-        return sp.csr_matrix(block)
-
-    def row_nnz(self) -> np.ndarray | None:
-        if sp.isspmatrix_csr(self._matrix):
-            return np.diff(self._matrix.indptr)
-        return None
 
 
 @dataclass
@@ -264,16 +190,10 @@ def _open_group(path: Path, fmt: str) -> Source:
     try:
         obs = read_elem(root["obs"])
         var = read_elem(root["var"])
-        X = root["X"]
-        encoding = X.attrs.get("encoding-type", "array")
-        if encoding == "csr_matrix":
-            shape = tuple(int(s) for s in X.attrs["shape"])
-            matrix: RowMatrix = CSRArrays(X["data"], X["indices"], X["indptr"], shape)
-        elif encoding == "csc_matrix":
-            # CSC cannot be read by cells cheaply; this loads X once (say so in the docs).
-            matrix = InMemoryRows(read_elem(X))
-        else:
-            matrix = DenseRows(X)
+        try:
+            matrix = anndata_rows(root["X"])
+        except UnreadableMatrix as e:
+            raise StoreError(f"{path}: X {e}") from None
         obsm = root["obsm"] if "obsm" in root else None
         obsm_keys = list(obsm.keys()) if obsm is not None else []
     except StoreError:
