@@ -326,7 +326,7 @@ class Atlas:
         self.manifest = manifest
         #: With ``lazy``, file hashes are checked when a shard or the model is first loaded.
         self._lazy = lazy
-        self._shards: dict[str, Any] = {}
+        self._shards: dict[tuple[str, bool | None, tuple[str, ...] | None], Any] = {}
         self._cache: dict[str, Any] = {}
         self.vocabulary: dict[str, list[str]] = {
             m: (path / info["file"]).read_text(encoding="utf-8").splitlines()
@@ -416,7 +416,7 @@ class Atlas:
         return f"Atlas(version={self.version!r}, path={str(self.path)!r}, shards={len(self.shard_names())})"
 
 
-def load_atlas(path: str | Path, *, verify: str = "full") -> Atlas:
+def load_atlas(path: str | os.PathLike, *, verify: str = "full") -> Atlas:
     """Open an atlas artifact after checking it against its manifest.
 
     ``verify="full"`` hashes every file now (refuses a tampered or truncated artifact with an

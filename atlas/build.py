@@ -127,7 +127,9 @@ def _profiles(build: BuildConfig, uri: str, joinids: np.ndarray, domain_names) -
         plan = build_plan(uri, dataclasses.replace(build.data, modalities=(m,), shuffle=False, single_domain=False),
                           joinids=joinids, domain_names=domain_names)
         position = pd.Series(np.arange(joinids.size), index=joinids)
-        rows, cols, vals = [], [], []
+        rows: list[np.ndarray] = []
+        cols: list[np.ndarray] = []
+        vals: list[np.ndarray] = []
         for table in make_dataset(plan).iter_batches(batch_size=None, batch_format="pyarrow"):
             indptr, ids = list_column_csr(table.column(f"{m}_ids"))
             _, values = list_column_csr(table.column(f"{m}_values"))
@@ -169,8 +171,8 @@ def build_atlas(build: BuildConfig, *, resume: bool = False, overwrite: bool = F
         f"{len(plan.blocks)} read blocks, {build.scaling.num_workers} worker(s)")
 
     if plan.label_levels:
-        heads = ", ".join(f"{lv} ({len(c)} classes)" for lv, c in zip(plan.label_levels, plan.label_classes))
-        log(f"[build] label heads on {heads}")
+        described = ", ".join(f"{lv} ({len(c)} classes)" for lv, c in zip(plan.label_levels, plan.label_classes))
+        log(f"[build] label heads on {described}")
     initial = initial_state(build, plan, vocab_sizes, len(plan.domain_names))
     result = train(build, plan, vocab_sizes, initial=initial, resume=resume)
     seconds["train"] = result.seconds

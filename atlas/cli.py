@@ -12,7 +12,6 @@ import contextlib
 import functools
 import json
 import os
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -367,6 +366,8 @@ def map_cells(
         from atlas.artifact import load_atlas
         from atlas.mapping import map_query
 
+        if atlas_dir is None:  # impossible: exactly one of --url / --atlas was checked above
+            raise fail("give exactly one of --url (a mapping service) or --atlas (an artifact folder)")
         out = map_query(adata, load_atlas(atlas_dir), params)
     output.parent.mkdir(parents=True, exist_ok=True)
     out.write_h5ad(output)
@@ -449,4 +450,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -203,9 +203,9 @@ class AtlasClient:
         counts = np.bincount(codes, minlength=len(names))
         own = (counts >= params.min_domain_cells) & (params.domain_statistics != "reference")
         groups: list[tuple[np.ndarray, str | None, MapParams, int]] = []
-        for i in np.flatnonzero(own):
-            groups.append((np.flatnonzero(codes == i), str(names[i]),
-                           params.model_copy(update={"batch_key": None, "batch": str(names[i])}), server_cells))
+        for b in np.flatnonzero(own):
+            groups.append((np.flatnonzero(codes == b), str(names[b]),
+                           params.model_copy(update={"batch_key": None, "batch": str(names[b])}), server_cells))
         rest = np.arange(n) if batches is None else np.flatnonzero(~own[codes])
         if len(rest):
             groups.append((rest, None, params.model_copy(update={"batch_key": None, "batch": None}),
@@ -232,7 +232,7 @@ class AtlasClient:
         report = domains_report(params.domain_statistics, params.batch_key, params.batch, params.min_domain_cells)
         for i, name in enumerate(names):
             parts = [c for job, c in zip(jobs, chunks) if job[1] == name]
-            entry = {"cells": int(counts[i]), "own_statistics": bool(parts) and all(
+            entry: dict[str, Any] = {"cells": int(counts[i]), "own_statistics": bool(parts) and all(
                 p.uns["atlas"]["query_domains"]["batches"].get(str(name), {}).get("own_statistics", False)
                 for chunk in parts for p in chunk)}
             if sum(len(c) for c in parts) > 1:
@@ -244,13 +244,16 @@ class AtlasClient:
     def _map_range(self, adata: Any, start: int, stop: int, modalities: list[str], params: dict[str, Any],
                    max_bytes: int | None, advance: Any) -> list[Any]:
         """Results of cells ``start:stop``; halves the range while its body is too large."""
-        from atlas.mapping.align import query_matrix
+        from atlas.mapping.align import MappingError, query_matrix
         from atlas.wire import decode_result, encode_request
 
         chunk = adata[start:stop]
         payload = QueryPayload([str(c) for c in chunk.obs_names], {}, params)
         for m in modalities:
-            counts, features = query_matrix(chunk, m)
+            found = query_matrix(chunk, m)
+            if found is None:  # impossible: `modalities` are those query_modalities found
+                raise MappingError(f"the query holds no {m} counts")
+            counts, features = found
             payload.modalities[m] = (features, counts)
         body = encode_request(payload, self.content_type)
         del payload, chunk

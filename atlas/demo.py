@@ -145,6 +145,8 @@ def _serve_and_map(head, artifact: Path, out: Path, query, console) -> tuple:
                           address=head.gcs_address, port=free_port(), blocking=False,
                           log_line=lambda line: console.print(f"   {line}", markup=False, highlight=False, soft_wrap=True))
         timings["service start"] = time.perf_counter() - t
+        if url is None:  # impossible: run_service returns the URL when not blocking
+            raise RuntimeError("run_service(blocking=False) returned no URL")
         with AtlasClient(url, token=token) as client:
             info = client.info()
             console.print(f"   GET /v1/atlas: atlas {info.get('atlas_version')}, levels {info.get('levels')}",

@@ -415,6 +415,7 @@ def demo_dataset(shared_dir: Path, cache_dir: Path | None = None, *, mirror: str
             ) from None
         fetched.append(path)
 
+    reason: str | None
     try:
         adata = build_pbmc10k(cache_dir)
     except AtlasError as e:

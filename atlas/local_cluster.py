@@ -25,7 +25,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,15 +67,15 @@ def ray_cli_env() -> dict[str, str]:
     return env
 
 
-def head_token_env(temp_dir: Path, environ: dict[str, str] | None = None) -> dict[str, str]:
+def head_token_env(temp_dir: Path, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The token variables for a head whose temp dir is ``temp_dir``.
 
     The user's own ``RAY_AUTH_TOKEN`` / ``RAY_AUTH_TOKEN_PATH`` win; otherwise a new random token
     is written (mode 0600) into the temp dir, which is removed with the head.
     """
-    environ = os.environ if environ is None else environ
-    if any(environ.get(name, "").strip() for name in TOKEN_VARIABLES):
-        return {name: environ[name] for name in TOKEN_VARIABLES if environ.get(name, "").strip()}
+    env: Mapping[str, str] = os.environ if environ is None else environ
+    if any(env.get(name, "").strip() for name in TOKEN_VARIABLES):
+        return {name: env[name] for name in TOKEN_VARIABLES if env.get(name, "").strip()}
     path = Path(temp_dir) / "auth_token"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -194,6 +194,8 @@ def submit_job(head: LocalHead, working_dir: Path, entrypoint: list[str], retry_
     else:
         with subprocess.Popen(follow, env=head.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, errors="replace") as logs:
+            if logs.stdout is None:  # impossible with stdout=PIPE
+                raise RuntimeError("ray job logs: no stdout pipe")
             for line in logs.stdout:
                 on_line(line.rstrip("\n"))
     done = subprocess.run([ray_bin, "job", "status", *address, job_id], env=head.env, capture_output=True, text=True)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
-_armed: dict[int, object] = {}
+_armed: dict[int, Callable[[int, FrameType | None], None]] = {}
 _received: list[int] = []
 """The handlers of the innermost active :func:`stop_on_signals`, by signal."""
 

@@ -81,7 +81,7 @@ def select_cells(
     uri: str,
     domain_key: str,
     obs_filter: str | None = None,
-    joinids: Sequence[int] | None = None,
+    joinids: Sequence[int] | np.ndarray | None = None,
     domain_names: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     """Joinids and domain codes of the selected cells (reads two obs columns, not X).
@@ -124,7 +124,7 @@ def label_codes(
         raise KeyError(f"obs has no label column(s) {missing}")
     obs = exp.obs.read(coords=(np.sort(joinids),), column_names=["soma_joinid", *levels]).concat().to_pandas()
     obs = obs.set_index("soma_joinid").loc[joinids]
-    codes = np.full((joinids.size, len(levels)), -1, dtype=np.int32)
+    codes: np.ndarray = np.full((joinids.size, len(levels)), -1, dtype=np.int32)
     names = []
     for i, level in enumerate(levels):
         values = obs[level].astype(object).where(obs[level].notna(), "").astype(str).to_numpy()
@@ -149,7 +149,7 @@ def build_plan(
     store: str | os.PathLike,
     config: StreamConfig,
     *,
-    joinids: Sequence[int] | None = None,
+    joinids: Sequence[int] | np.ndarray | None = None,
     domain_names: Sequence[str] | None = None,
     idf: dict | None = None,
     label_levels: Sequence[str] = (),

@@ -144,10 +144,10 @@ class PcaKnnBaseline:
         for depth in range(1, len(self.levels)):
             path = np.stack([self.labels_[lv] for lv in self.levels[:depth]], axis=1)
             answers = self.labels_[self.levels[depth]]
-            for key in {tuple(p) for p in path if "" not in p}:
-                rows = np.flatnonzero((path == np.array(key)).all(axis=1))
+            for group in {tuple(p) for p in path if "" not in p}:
+                rows = np.flatnonzero((path == np.array(group)).all(axis=1))
                 if (answers[rows] != "").any():  # somebody here can vote on the next level
-                    self._groups[key] = _CosineIndex(self._unit, rows)
+                    self._groups[group] = _CosineIndex(self._unit, rows)
         return self
 
     def _scale(self, dense: np.ndarray) -> np.ndarray:

@@ -91,7 +91,7 @@ def align_query(mapped: Any, query: Any) -> Any:
 
 def infer_levels(mapped: Any, query: Any) -> list[str]:
     """Levels with a ``{level}_pred`` column in ``mapped`` and a ``{level}`` column in ``query``."""
-    return [level_of(c) for c in mapped.obs.columns if level_of(c) is not None and level_of(c) in query.obs.columns]
+    return [lv for c in mapped.obs.columns if (lv := level_of(c)) is not None and lv in query.obs.columns]
 
 
 # --------------------------------------------------------------------------------------- figures
@@ -298,7 +298,7 @@ def write_report(
 
     scib = _integration(mapped, query, levels[0], batch_key) if (integration and batch_key) else None
 
-    metrics = {
+    metrics: dict[str, Any] = {
         "integration": scib,
         "n_cells": int(mapped.n_obs),
         "levels": {level: res.to_dict() for level, res in labels.items()},

@@ -116,6 +116,7 @@ def build_index(
         resolved = "flat"
     want_gpu = _want_gpu(use_gpu)
 
+    index: Any  # faiss's stubs are incomplete (nprobe, cp, hnsw)
     if resolved == "flat":
         if want_gpu == "torch":
             return TorchFlatIndex(x)
@@ -160,7 +161,7 @@ def to_gpu(index: Any, device: int = 0) -> Any:
     """Move a CPU faiss index to a GPU, keeping ``nprobe``."""
     nprobe = getattr(faiss.extract_index_ivf(index), "nprobe", None) if _is_ivf(index) else None
     resources = faiss.StandardGpuResources()
-    gpu_index = faiss.index_cpu_to_gpu(resources, device, index)
+    gpu_index: Any = faiss.index_cpu_to_gpu(resources, device, index)
     gpu_index.referenced_resources = resources  # keep the resources alive with the index
     if nprobe is not None:  # set again: not every faiss version copies it across
         faiss.GpuParameterSpace().set_index_parameter(gpu_index, "nprobe", nprobe)

@@ -25,7 +25,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
-from atlas.index.faiss_index import build_index, load_index, save_index
+from atlas.index.faiss_index import IndexKind, build_index, load_index, save_index
 from atlas.index.faiss_index import index_kind as kind_of_index
 
 SHARD_FORMAT = 1
@@ -371,7 +371,8 @@ def build_hierarchy(
     def make(name: str, rows: np.ndarray, keep: list[str], level: str | None, group: tuple[str, ...]) -> Shard:
         return Shard(
             name=name,
-            index=build_index(embeddings[rows], kind=index_kind, exact_below=exact_below,
+            # build_index checks the kind at run time (ValueError for an unknown one)
+            index=build_index(embeddings[rows], kind=cast(IndexKind, index_kind), exact_below=exact_below,
                               use_gpu=use_gpu, seed=seed),
             soma_joinid=joinids[rows],
             labels={lv: clean[lv][rows] for lv in keep},
@@ -412,7 +413,7 @@ def build_hierarchy(
     else:
         nodes = [emit("coarse", all_rows, levels, levels[0], (), None)]
         # Breadth-first: a node at depth k splits its cells by their level-(k+1) label.
-        frontier = [("coarse", all_rows, ())]
+        frontier: list[tuple[str, np.ndarray, tuple[str, ...]]] = [("coarse", all_rows, ())]
         for depth in range(len(levels) - 1):
             answers = levels[depth + 1]
             next_frontier = []

@@ -139,7 +139,7 @@ def align_query(adata: Any, atlas: Any, modality: str, min_fraction: float = 0.5
     use = (pos >= 0) & first
     n_present = int(use.sum())
     dropped = [f for f, p in zip(features, pos) if p < 0]
-    report = {
+    report: dict[str, Any] = {
         "modality": modality,
         "n_reference_features": len(vocab),
         "n_query_features": len(features),

@@ -185,7 +185,7 @@ class BlockMapper:
         return result_table(result, table.column("row").to_numpy())
 
 
-def mapping_dataset(source: QuerySource, blocks: Sequence[QueryBlock], atlas_dir: str | Path,
+def mapping_dataset(source: QuerySource, blocks: Sequence[QueryBlock], atlas_dir: str | os.PathLike,
                     params: MapParams, *, batch_size: int = 1024, actors: int = 1, cpus_per_actor: float = 1.0,
                     use_gpu: bool = False, progress: Any = None, domains: Any = None) -> ray.data.Dataset:
     """The lazy Ray Data pipeline: read tasks over ``blocks`` → mapping actor pool."""
@@ -259,7 +259,7 @@ def _atlas_error(err: BaseException) -> str | None:
     """The message of the user-facing error a worker raised, found in Ray's wrapping of it
     (``RayTaskError(MappingError)`` whose ``cause`` is the worker's own exception)."""
     seen = set()
-    stack = [err]
+    stack: list[BaseException | None] = [err]
     while stack:
         e = stack.pop()
         if e is None or id(e) in seen:

@@ -14,6 +14,7 @@ does for the whole query in one process.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,7 @@ def batch_names(source: QuerySource, blocks: Sequence[QueryBlock], batch: str | 
     return [str(n) for n in names], counts
 
 
-def exact_query_domains(source: QuerySource, blocks: Sequence[QueryBlock], atlas: Any, atlas_dir: str | Path,
+def exact_query_domains(source: QuerySource, blocks: Sequence[QueryBlock], atlas: Any, atlas_dir: str | os.PathLike,
                         params: MapParams, *, actors: int, cpus_per_actor: float, batch_size: int,
                         use_gpu: bool, log: Any = print) -> tuple[FixedDomains, dict[str, np.ndarray]] | None:
     """``(FixedDomains, statistics)`` for the mapping actors, or None when no batch can have its own

@@ -84,10 +84,10 @@ def count_labels(folder: str | os.PathLike) -> tuple[int, dict[str, dict[str, An
     streamed file by file over the label columns only."""
     files = _parquet_files(Path(folder))
     schema = pq.read_schema(files[0])
-    levels = [level_of(n, "unknown") for n in schema.names if level_of(n, "unknown")]
+    levels = [lv for n in schema.names if (lv := level_of(n, "unknown"))]
     columns = [c for lv in levels for c in (pred_key(lv), unknown_key(lv))] or ["row"]
-    labels = {lv: Counter() for lv in levels}
-    unknown = Counter()
+    labels: dict[str, Counter[Any]] = {lv: Counter() for lv in levels}
+    unknown: Counter[str] = Counter()
     cells = 0
     for path in files:
         for batch in pq.ParquetFile(path).iter_batches(columns=columns, batch_size=65536):

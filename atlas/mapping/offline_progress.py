@@ -32,7 +32,7 @@ class MappingProgress:
 
     def __init__(self, total: int, log: Callable[[str], None]):
         self.total, self.log = total, log
-        self.counter = _CellCounter.remote()
+        self.counter = _CellCounter.remote()  # type: ignore[attr-defined]  # Ray actor class
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._start = time.perf_counter()

@@ -383,7 +383,10 @@ def read_query_block(source: QuerySource, block: QueryBlock) -> pa.Table:
 def _read_soma_block(source: QuerySource, block: QueryBlock) -> tuple[np.ndarray, dict[str, sp.csr_matrix]]:
     from atlas.data.reader import open_experiment, read_csr
 
-    exp = open_experiment(source.uri)
+    if source.uri is None:
+        raise ValueError(f"query {source.path} is not a SOMA query (no experiment URI)")
+    uri = source.uri
+    exp = open_experiment(uri)
     ids = np.asarray(block.joinids, dtype=np.int64)
     names = exp.obs.schema.names
     column = "obs_id" if "obs_id" in names else None
@@ -393,7 +396,7 @@ def _read_soma_block(source: QuerySource, block: QueryBlock) -> tuple[np.ndarray
     else:
         cell_ids = ids.astype(str)
     return np.asarray(cell_ids, dtype=object).astype(str), {
-        m: read_csr(source.uri, q.element, ids) for m, q in source.matrices.items()}
+        m: read_csr(uri, q.element, ids) for m, q in source.matrices.items()}
 
 
 # ---------------------------------------------------------------------------------------------

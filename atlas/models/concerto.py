@@ -165,7 +165,7 @@ def embedding_head_weights(config: ConcertoConfig, state: Mapping[str, torch.Ten
     def array(key: str) -> np.ndarray:
         return state[key].detach().cpu().float().numpy()
 
-    out = []
+    out: list[tuple[np.ndarray, np.ndarray]] = []
     for i in range(n_levels):
         weight, bias = array(f"heads.linears.{i}.weight"), array(f"heads.linears.{i}.bias")
         if config.embedding == "teacher+student":

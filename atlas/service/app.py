@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Union, cast
 
 from ray.serve import Application
 
@@ -45,12 +45,13 @@ def build_app(args: ServiceArgs) -> Application:
     names = shard_deployment_names(layout.shard_names())
 
     shards = {
-        shard: IndexShard.options(name=names[shard], **args.shard_options(shard).serve_options())
+        shard: IndexShard.options(  # type: ignore[attr-defined]  # Serve deployment class
+            name=names[shard], **args.shard_options(shard).serve_options())
         .bind(artifact, shard, args.shard_use_gpu)
         for shard in layout.shard_names()
     }
     enc = args.encoder_options()
-    encoder = Encoder.options(**enc.serve_options()).bind(
+    encoder = Encoder.options(**enc.serve_options()).bind(  # type: ignore[attr-defined]  # Serve deployment class
         artifact, enc.max_batch_size, enc.batch_wait_timeout_s, enc.batch_cells, enc.device)
     ingress_options = args.ingress_options()
     # The ingress gets the validated arguments themselves (no second set of defaults there).
@@ -72,7 +73,7 @@ def run_service(args: Union[ServiceArgs, Dict[str, Any]], *, host: str = "127.0.
     from atlas.index.shards import ShardLayout
 
     if not isinstance(args, ServiceArgs):
-        args = ServiceArgs.model_validate(args)
+        args = cast(ServiceArgs, ServiceArgs.model_validate(args))  # mypy skips pydantic: Any otherwise
     started = False
     if not ray.is_initialized():
         if address is None:

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import threading
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, Optional
 
@@ -183,12 +184,20 @@ def make_ingress():
             self.shards = dict(shards)
             self.searcher = ServeSearcher(self.shards, self.policy)
             self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="map")
-            self._pipeline = None
+            self._pipeline: Any = None  # a MappingPipeline once built
             self._lock = threading.Lock()
             log.info("ingress for atlas %s (%d shards, auth %s)", self.atlas.version, len(self.shards),
                      "off" if self.tokens is None else "on")
 
         # -- helpers ------------------------------------------------------------------------
+        def _layout(self) -> Any:
+            """The atlas's shard layout; MappingError for an atlas without index shards."""
+            from atlas.errors import MappingError
+
+            if self.atlas.layout is None:
+                raise MappingError(f"atlas {self.atlas.version} has no index shards; rebuild it with index levels")
+            return self.atlas.layout
+
         def _authorize(self, request: Request) -> None:
             from atlas.service.auth import check_authorization
 
@@ -202,11 +211,14 @@ def make_ingress():
             from atlas.service.pipeline import MappingPipeline, root_info
             from atlas.service.remote import gather
 
+            def describe(handle: Any) -> Callable[[], Any]:
+                return lambda: handle.describe.remote()
+
             with self._lock:
                 if self._pipeline is None:
-                    names = list(self.atlas.layout.root.shards)
-                    descriptions = gather(f"index shard(s) {names}",
-                                          [(lambda h=self.shards[n]: h.describe.remote()) for n in names], self.policy)
+                    names = list(self._layout().root.shards)
+                    descriptions = gather(f"index shard(s) {names}", [describe(self.shards[n]) for n in names],
+                                          self.policy)
                     self._pipeline = MappingPipeline(self.atlas, root_info(descriptions))
                 return self._pipeline
 
@@ -235,7 +247,7 @@ def make_ingress():
 
             pipeline = self._pipeline_sync()
             manifest = self.atlas.manifest
-            layout = self.atlas.layout
+            layout = self._layout()
             calibrated = (manifest.get("mapping") or {}).get("thresholds") or {}
             return {
                 "atlas_version": self.atlas.version,

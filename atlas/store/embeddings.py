@@ -52,7 +52,7 @@ def _write_embedding(store, modality, name, chunks, metadata) -> versions.StoreV
             for joinids, matrix in chunks:
                 if array is None:
                     array = obsm.add_new_sparse_ndarray(name, type=pa.float32(), shape=(n_obs, matrix.shape[1]))
-                rows = np.repeat(joinids.astype(np.int64), matrix.shape[1])
+                rows: np.ndarray = np.repeat(joinids.astype(np.int64), matrix.shape[1])
                 cols = np.tile(np.arange(matrix.shape[1], dtype=np.int64), joinids.size)
                 array.write(pa.table({
                     "soma_dim_0": rows,

@@ -13,11 +13,12 @@ kill) leaves the store exactly as it was.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,7 @@ def ingest(
     source: str | os.PathLike | Any,
     *,
     modality: str = "rna",
-    paired: dict[str, str | os.PathLike] | None = None,
+    paired: Mapping[str, str | os.PathLike] | None = None,
     obsm_modalities: dict[str, str] | None = None,
     dataset_id: str | None = None,
     batch_key: str | None = None,
@@ -188,7 +189,7 @@ def ingest(
                 m = part.modality
                 task = bar.add_task(f"checking {part.measurement}", total=m.matrix.shape[0])
                 part.scan = scan_matrix(m.matrix, chunk_size=chunk_size,
-                                        on_block=lambda n, t=task: bar.advance(t, n))
+                                        on_block=functools.partial(bar.advance, task))
                 check_counts(part.scan, m.origin, allow_normalized=allow_normalized)
         keep = cells_to_keep(src, parts, drop_empty_cells, say)
 
@@ -331,7 +332,7 @@ def _write_measurement(uri: str, part: Part, obs: pd.DataFrame, keep: np.ndarray
                     "soma_data": block.data[ok].astype(np.float32),
                 }))
             bar.advance(task, stop - start)
-    cells = int(((part.scan.row_nonzero > 0) & (rowmap >= 0)).sum())
+    cells = int(((part.row_nonzero > 0) & (rowmap >= 0)).sum())
     old = existing["features"] if existing else 0
     return {"features": len(ids), "new_features": vocabulary - old, "vocabulary": vocabulary, "cells": cells}
 

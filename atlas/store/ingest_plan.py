@@ -40,6 +40,13 @@ class Part:
     row_pos: np.ndarray | None = None
     """Position of each matrix row in the dataset's (primary) cell order."""
 
+    @property
+    def row_nonzero(self) -> np.ndarray:
+        """The scan's non-zero values per row; the matrix must have been scanned."""
+        if self.scan is None:
+            raise RuntimeError(f"{self.measurement}: the count matrix has not been scanned yet")
+        return self.scan.row_nonzero
+
 
 @dataclass
 class StoreState:
@@ -131,7 +138,7 @@ def decide_species(parts: list[Part], given: str | None, state: StoreState,
         say(f"species: {species} (given)")
         return species
     calls = {p.measurement: infer_species(p.modality.feature_ids, p.namespace) for p in parts}
-    hints = {p.modality.species_hint for p in parts} - {None}
+    hints = {h for p in parts if (h := p.modality.species_hint) is not None}
     found = {c.species for c in calls.values() if c.species} | hints
     if len(found) > 1:
         reasons = "; ".join(f"{ms}: {c.reason}" for ms, c in calls.items())
@@ -141,7 +148,7 @@ def decide_species(parts: list[Part], given: str | None, state: StoreState,
         reasons = "; ".join(f"{ms}: {c.reason}" for ms, c in calls.items() if c.species)
         say(f"species: {species} (inferred; {reasons or 'named by the source'}); pass --species to override")
         return species
-    stored = {state.measurements.get(p.measurement, {}).get("species") for p in parts} - {None}
+    stored = {s for p in parts if (s := state.measurements.get(p.measurement, {}).get("species")) is not None}
     if len(stored) == 1:
         species = stored.pop()
         say(f"species: {species} (as the store's {', '.join(p.measurement for p in parts)} measurement; "
@@ -153,9 +160,9 @@ def decide_species(parts: list[Part], given: str | None, state: StoreState,
 
 def cells_to_keep(src: Source, parts: list[Part], drop_empty: bool, say: Callable[[str], None]) -> np.ndarray:
     """Cells with at least one non-zero count in some modality (in the source's cell order)."""
-    nonzero = np.zeros(len(src.obs), dtype=np.int64)
+    nonzero: np.ndarray = np.zeros(len(src.obs), dtype=np.int64)
     for part in parts:
-        np.add.at(nonzero, part.row_pos, part.scan.row_nonzero)
+        np.add.at(nonzero, part.row_pos, part.row_nonzero)
     empty = nonzero == 0
     n_empty = int(empty.sum())
     if n_empty == len(src.obs):
@@ -168,7 +175,7 @@ def cells_to_keep(src: Source, parts: list[Part], drop_empty: bool, say: Callabl
         say(f"dropped {n_empty} cells with zero counts in every modality")
     if len(parts) > 1:
         for part in parts:
-            absent = int(((part.scan.row_nonzero == 0) & ~empty[part.row_pos]).sum())
+            absent = int(((part.row_nonzero == 0) & ~empty[part.row_pos]).sum())
             if absent:
                 say(f"{absent} cells have no {part.measurement} counts: stored without {part.measurement}")
     return ~empty

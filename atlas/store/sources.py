@@ -79,6 +79,7 @@ class Source:
                 f"{self.path} has no obsm['{key}'] (it has {self._obsm_keys or 'no obsm'}); "
                 f"fix the key in --obsm-modality {name}={key}"
             )
+        assert self._obsm is not None  # a source with obsm keys reads them
         value = self._obsm(key)
         if not isinstance(value, pd.DataFrame):
             raise StoreError(
@@ -209,7 +210,7 @@ def _open_group(path: Path, fmt: str) -> Source:
     return Source(
         path=str(path), format=fmt, obs=obs, matrix=matrix, feature_ids=pd.Index(var.index.astype(str)),
         species_hint=_species_hint_from_obs(obs),
-        _obsm=lambda k: read_elem(obsm[k]), _obsm_keys=obsm_keys, _close=close,
+        _obsm=lambda k: read_elem(root["obsm"][k]), _obsm_keys=obsm_keys, _close=close,
     )
 
 
@@ -296,7 +297,7 @@ def _open_10x_mtx(folder: Path, feature_ids: str, modality: str) -> Source:
     mtx = _first(folder, "matrix.mtx.gz", "matrix.mtx")
     feats = _first(folder, "features.tsv.gz", "features.tsv", "genes.tsv.gz", "genes.tsv")
     barcodes = _first(folder, "barcodes.tsv.gz", "barcodes.tsv")
-    if feats is None or barcodes is None:
+    if mtx is None or feats is None or barcodes is None:
         raise StoreError(f"{folder} has a matrix.mtx but no features.tsv[.gz]/genes.tsv and barcodes.tsv[.gz]; "
                          "copy the full Cell Ranger output folder")
     try:

@@ -41,7 +41,7 @@ def row_blocks(matrix: RowMatrix, max_rows: int = DEFAULT_CHUNK_ROWS,
     start = 0
     while start < n:
         # Furthest stop whose nnz stays within the bound (at least one row).
-        limit = np.searchsorted(cumulative, cumulative[start] + max_nnz, side="right") - 1
+        limit = int(np.searchsorted(cumulative, cumulative[start] + max_nnz, side="right")) - 1
         stop = int(min(n, start + max_rows, max(limit, start + 1)))
         yield start, stop
         start = stop
@@ -63,7 +63,7 @@ class MatrixScan:
 def scan_matrix(matrix: RowMatrix, *, chunk_size: int = DEFAULT_CHUNK_ROWS,
                 on_block: Callable[[int], None] | None = None) -> MatrixScan:
     """Read a matrix block by block and tally values that raw counts cannot have."""
-    nonzero = np.zeros(matrix.shape[0], dtype=np.int64)
+    nonzero: np.ndarray = np.zeros(matrix.shape[0], dtype=np.int64)
     scan = MatrixScan(nonzero)
     for start, stop in row_blocks(matrix, chunk_size):
         block = matrix.rows(start, stop)

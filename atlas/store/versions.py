@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from atlas.errors import AtlasError
 
@@ -143,7 +144,8 @@ def begin_version(store: str | os.PathLike) -> Path:
 def publish_version(store: str | os.PathLike, staging: Path, summary: dict) -> StoreVersion:
     """Make a complete staging tree the store's current version (atomic)."""
     store = Path(store)
-    record = read_record(store) if is_store(store) else {"format": FORMAT, "current": 0, "history": []}
+    record: dict[str, Any] = (read_record(store) if is_store(store)
+                              else {"format": FORMAT, "current": 0, "history": []})
     number = max([v["version"] for v in record["history"]], default=0) + 1
     name = f"v{number:06d}"
     os.rename(staging, store / VERSIONS / name)

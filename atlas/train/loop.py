@@ -188,7 +188,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     steps_per_epoch = max(1, math.ceil(cfg["n_cells"] / world / plan.batch_size))
     scheduler = make_scheduler(model, optimizer, build.train.epochs * steps_per_epoch)
 
-    start_epoch, global_step, history = 0, 0, {"epochs": [], "steps": []}
+    history: dict[str, Any] = {"epochs": [], "steps": []}
+    start_epoch, global_step = 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
@@ -248,6 +249,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             if not _all_have_batch(batch is not None, device):
                 pending = batch
                 break
+            if batch is None:  # impossible: _all_have_batch is False when this worker has none
+                raise RuntimeError("every worker reported a batch but this one has none")
             step(batch, epoch)
             # global_step is equal on every worker here (lockstep), so all of them reach report().
             if global_step % build.train.checkpoint_every == 0:

@@ -17,7 +17,7 @@ from ray.train.torch import TorchTrainer
 from atlas.data.dataset import ExactlyOnceDataConfig, make_dataset
 from atlas.data.plan import ReadPlan
 from atlas.data.reader import read_csr
-from atlas.models.config import build_model
+from atlas.models.config import ConcertoConfig, build_model
 from atlas.train.config import BuildConfig
 from atlas.train.loop import HISTORY_FILE, STATE_FILE, train_loop_per_worker, worker_config
 
@@ -67,6 +67,9 @@ def initial_state(build: BuildConfig, plan: ReadPlan, vocab_sizes: dict[str, int
     state = fit_views_state(build, plan, vocab_sizes, n_domains) or {}
     if plan.label_levels:
         from atlas.models.heads import class_weights
+
+        if not isinstance(build.model, ConcertoConfig):  # uses_labels: only Concerto has label heads
+            raise TypeError(f"label levels need a Concerto model, not {type(build.model).__name__}")
 
         codes = np.concatenate([b.labels for b in plan.blocks if b.labels is not None])
         for i, classes in enumerate(plan.label_classes):

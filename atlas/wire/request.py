@@ -118,7 +118,7 @@ def _wire_data(values: np.ndarray) -> np.ndarray:
     if values.dtype.kind == "f":
         if values.dtype == np.float32:
             return values
-        as32 = values.astype(np.float32)
+        as32: np.ndarray = values.astype(np.float32)
         with np.errstate(invalid="ignore"):
             if np.array_equal(as32.astype(values.dtype), values, equal_nan=True):
                 return as32
@@ -249,7 +249,7 @@ def _npz_request(payload: QueryPayload) -> bytes:
         arrays[f"{m}.indices"] = csr.indices
         arrays[f"{m}.indptr"] = csr.indptr
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]  # no key is allow_pickle
     return buf.getvalue()
 
 
