@@ -21,7 +21,7 @@ from importlib import import_module
 # (atlas.mapping.query imports the model code).
 _EXPORTS = {
     "MappingError": "align", "align_query": "align", "normalize_aligned": "align", "query_modalities": "align",
-    "UNKNOWN": "query", "assign_labels": "query", "embed_prepared": "query", "embed_query": "query",
+    "UNKNOWN": "query", "assign_labels": "labels", "embed_prepared": "query", "embed_query": "query",
     "map_query": "query", "predict_profiles": "query", "prepare_query": "query", "run_mapping": "query",
     "MapParams": "params",
     "Hits": "search", "LocalSearcher": "search", "merge_hits": "search", "search_shard": "search",

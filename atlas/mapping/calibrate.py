@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from atlas.mapping.confidence import typical_similarity
-from atlas.mapping.query import assign_labels
+from atlas.mapping.labels import assign_labels
 from atlas.mapping.search import Searcher
 from atlas.mapping.vote import balance_weights
 from atlas.names import UNKNOWN, confidence_key, pred_key
