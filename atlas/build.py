@@ -33,7 +33,7 @@ from atlas.index.shards import build_hierarchy
 from atlas.mapping.heads import read_heads, write_heads
 from atlas.models.concerto import embedding_head_weights
 from atlas.models.config import ConcertoConfig, config_to_dict
-from atlas.names import store_embedding
+from atlas.names import csr_columns, store_embedding
 from atlas.staging import staged_output
 from atlas.stopping import rearm
 from atlas.store.embeddings import write_embedding
@@ -131,8 +131,9 @@ def _profiles(build: BuildConfig, uri: str, joinids: np.ndarray, domain_names) -
         cols: list[np.ndarray] = []
         vals: list[np.ndarray] = []
         for table in make_dataset(plan).iter_batches(batch_size=None, batch_format="pyarrow"):
-            indptr, ids = list_column_csr(table.column(f"{m}_ids"))
-            _, values = list_column_csr(table.column(f"{m}_values"))
+            ids_column, values_column = csr_columns(m)
+            indptr, ids = list_column_csr(table.column(ids_column))
+            _, values = list_column_csr(table.column(values_column))
             cell_rows = position.loc[table.column("soma_joinid").to_numpy()].to_numpy()
             rows.append(np.repeat(cell_rows, np.diff(indptr)))
             cols.append(ids)

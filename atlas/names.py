@@ -74,6 +74,12 @@ def decoder_key(modality: str) -> str:
     return f"{modality}{_PRED}_decoder"
 
 
+def csr_columns(modality: str) -> tuple[str, str]:
+    """The two list columns holding one modality's sparse values per cell, in every Arrow table
+    of cells (store reads, training batches, query blocks): ``(feature ids, values)``."""
+    return f"{modality}_ids", f"{modality}_values"
+
+
 def store_embedding(build_name: str) -> str:
     """obsm name under which a build writes its reference embedding back to the store."""
     return f"atlas_{build_name}"

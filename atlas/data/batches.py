@@ -33,19 +33,19 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from atlas.names import MODALITIES  # noqa: F401 - part of this module's interface
+from atlas.names import MODALITIES, csr_columns  # noqa: F401 - MODALITIES: part of this module's interface
 
 TARGET_SUM = 1e4
 
 
 def modality_keys(modality: str) -> tuple[str, str, str]:
     """The three batch keys of one modality: ids, values, mask."""
-    return f"{modality}_ids", f"{modality}_values", f"{modality}_mask"
+    return (*csr_columns(modality), f"{modality}_mask")
 
 
 def batch_modalities(batch: Mapping[str, torch.Tensor]) -> list[str]:
     """Modalities present in a batch, in canonical order."""
-    return [m for m in MODALITIES if f"{m}_ids" in batch]
+    return [m for m in MODALITIES if csr_columns(m)[0] in batch]
 
 
 def row_totals(indptr: np.ndarray, data: np.ndarray) -> np.ndarray:

@@ -9,6 +9,7 @@ import torch
 from atlas.data.arrow import list_column_csr
 from atlas.data.batches import modality_keys, pad_rows
 from atlas.data.plan import LABELS
+from atlas.names import csr_columns
 
 
 def table_to_batch(table: pa.Table, modalities: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -23,8 +24,9 @@ def table_to_batch(table: pa.Table, modalities: tuple[str, ...]) -> dict[str, to
         flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
         batch[LABELS] = torch.from_numpy(flat.reshape(-1, width))
     for m in modalities:
-        indptr, indices = list_column_csr(table.column(f"{m}_ids"))
-        _, values = list_column_csr(table.column(f"{m}_values"))
+        ids_column, values_column = csr_columns(m)
+        indptr, indices = list_column_csr(table.column(ids_column))
+        _, values = list_column_csr(table.column(values_column))
         ids, vals, mask = pad_rows(indptr, indices.astype(np.int64), values)
         k_ids, k_values, k_mask = modality_keys(m)
         batch[k_ids] = torch.from_numpy(ids)

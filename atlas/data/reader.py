@@ -19,6 +19,7 @@ import tiledbsoma
 
 from atlas.data.batches import normalize_log1p, tfidf_log1p, top_k_per_row
 from atlas.data.plan import LABELS, ReadBlock, ReadPlan
+from atlas.names import csr_columns
 
 X_LAYER = "counts"
 
@@ -95,8 +96,9 @@ def read_block(plan: ReadPlan, block: ReadBlock) -> Iterator[pa.Table]:
             plan.idf.get(modality),
             plan.max_features,
         )
-        columns[f"{modality}_ids"] = _list_column(indptr, indices, pa.int32())
-        columns[f"{modality}_values"] = _list_column(indptr, values, pa.float32())
+        ids_column, values_column = csr_columns(modality)
+        columns[ids_column] = _list_column(indptr, indices, pa.int32())
+        columns[values_column] = _list_column(indptr, values, pa.float32())
     table = pa.table(columns)
     step = plan.batch_size if plan.single_domain else plan.rows_per_block
     for start in range(0, table.num_rows, step):
@@ -108,5 +110,6 @@ def output_schema(modalities: tuple[str, ...], n_label_levels: int = 0) -> pa.Sc
     if n_label_levels:
         fields.append(pa.field(LABELS, pa.list_(pa.int32(), n_label_levels)))
     for m in modalities:
-        fields += [pa.field(f"{m}_ids", pa.list_(pa.int32())), pa.field(f"{m}_values", pa.list_(pa.float32()))]
+        ids_column, values_column = csr_columns(m)
+        fields += [pa.field(ids_column, pa.list_(pa.int32())), pa.field(values_column, pa.list_(pa.float32()))]
     return pa.schema(fields)

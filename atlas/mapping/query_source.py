@@ -20,8 +20,9 @@ Supported queries (the matrices are read exactly where :mod:`atlas.mapping.align
   ``obs_id``.
 
 Block rows: ``row`` (int64, the cell's position in the query), ``cell_id`` (string) and per
-modality ``m`` the cell's non-zero counts as ``{m}_indices: list<int32>`` (columns of the
-source's own feature list) and ``{m}_data: list<float32>``.
+modality ``m`` the cell's non-zero counts in the two list columns every Arrow table of cells
+uses (:func:`atlas.names.csr_columns`): ``{m}_ids: list<int32>`` (here: columns of the source's
+own feature list, not the atlas vocabulary) and ``{m}_values: list<float32>``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from atlas.mapping.align import MappingError
+from atlas.names import csr_columns
 from atlas.store.rows import UnreadableMatrix, anndata_rows, check_csc, element_shape, encoding, is_group
 
 FORMATS = ("h5ad", "zarr", "soma")
@@ -331,7 +333,8 @@ def block_schema(source: QuerySource) -> pa.Schema:
     if source.batch_key is not None:
         fields.append(pa.field("batch", pa.string()))
     for m in source.matrices:
-        fields += [pa.field(f"{m}_indices", pa.list_(pa.int32())), pa.field(f"{m}_data", pa.list_(pa.float32()))]
+        ids_column, values_column = csr_columns(m)
+        fields += [pa.field(ids_column, pa.list_(pa.int32())), pa.field(values_column, pa.list_(pa.float32()))]
     return pa.schema(fields)
 
 
@@ -375,8 +378,9 @@ def read_query_block(source: QuerySource, block: QueryBlock) -> pa.Table:
     for m, csr in matrices.items():
         csr = sp.csr_matrix(csr, dtype=np.float32)
         csr.sort_indices()
-        columns[f"{m}_indices"] = _list_column(csr.indptr, csr.indices.astype(np.int32, copy=False), pa.int32())
-        columns[f"{m}_data"] = _list_column(csr.indptr, csr.data, pa.float32())
+        ids_column, values_column = csr_columns(m)
+        columns[ids_column] = _list_column(csr.indptr, csr.indices.astype(np.int32, copy=False), pa.int32())
+        columns[values_column] = _list_column(csr.indptr, csr.data, pa.float32())
     return pa.table(columns, schema=block_schema(source))
 
 
@@ -408,8 +412,9 @@ def block_csr(table: pa.Table, modality: str, n_features: int) -> sp.csr_matrix:
     """The ``modality`` counts of a block as a CSR (cells × the source's features)."""
     from atlas.data.arrow import list_column_csr
 
-    indptr, indices = list_column_csr(table.column(f"{modality}_indices"))
-    _, data = list_column_csr(table.column(f"{modality}_data"))
+    ids_column, values_column = csr_columns(modality)
+    indptr, indices = list_column_csr(table.column(ids_column))
+    _, data = list_column_csr(table.column(values_column))
     return sp.csr_matrix((data.astype(np.float32, copy=False), indices.astype(np.int32, copy=False), indptr),
                          shape=(table.num_rows, n_features))
 

@@ -46,6 +46,7 @@ from torch import nn
 from atlas.models.config import ConcertoConfig
 from atlas.models.heads import LabelHeads
 from atlas.models.layers import UNSEEN_DOMAIN, DomainBatchNorm1d, MaskedAttentionPool, SparseLinear
+from atlas.names import csr_columns
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -306,8 +307,8 @@ class Concerto(nn.Module):
             any_modality |= present
             rows = present.nonzero(as_tuple=True)[0]
             # Only cells that have the modality enter its networks (and its BN statistics).
-            ids = batch[f"{m}_ids"][rows]
-            values = batch[f"{m}_values"][rows]
+            ids_column, values_column = csr_columns(m)
+            ids, values = batch[ids_column][rows], batch[values_column][rows]
             mask = batch[f"{m}_mask"][rows]
             z_t, _ = self.teachers[m](ids, values, mask, domain[rows])
             teacher = teacher.index_add(0, rows, z_t.float())

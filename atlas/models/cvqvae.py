@@ -40,6 +40,7 @@ from atlas.models.concerto import eval_mode, modality_present
 from atlas.models.config import CVQVAEConfig
 from atlas.models.layers import SkipMLP, VectorQuantizerEMA
 from atlas.models.views import LearnedView, LSIView, PCAView
+from atlas.names import csr_columns
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -171,7 +172,7 @@ class CVQVAE(nn.Module):
         count = torch.zeros(n, 1, device=device)
         with eval_mode(self):
             for m in self.modalities:
-                if f"{m}_ids" not in batch:
+                if csr_columns(m)[0] not in batch:
                     continue
                 rows = modality_present(batch, m).nonzero(as_tuple=True)[0]
                 if rows.numel() == 0:

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from atlas.data.batches import modality_keys
+
 Batch = Mapping[str, torch.Tensor]
 
 
@@ -164,8 +166,8 @@ def take_rows(batch: Batch, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         # Features of a cell are left-aligned (csr_to_batch), so trimming keeps all of them.
         if bool(out[key][:, width:].any()):
             continue  # not left-aligned: keep the full width
-        for suffix in ("_ids", "_values", "_mask"):
-            out[m + suffix] = out[m + suffix][:, :width]
+        for name in modality_keys(m):
+            out[name] = out[name][:, :width]
     return out
 
 
