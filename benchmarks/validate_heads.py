@@ -315,6 +315,7 @@ def rejection_scores(emb_ref, emb_val, ref_l1, p1, classes1, k: int = 25, half: 
         bhead = np.array([p1[i, index[c]] if c in index else 0.0 for i, c in enumerate(bvote)])
         brel = relative_to(bvote)
         out["1 - balanced vote share"] = 1 - bshare
+        out["1 - balanced vote x head probability (built before)"] = 1 - bshare * bhead
         out["1 - balanced vote x head x relative similarity"] = 1 - bshare * bhead * brel
         out["1 - head x relative similarity (balanced vote's label)"] = 1 - bhead * brel
         if half is not None:  # teacher + student: the distance measured in one network's half only
@@ -331,7 +332,7 @@ def rejection_scores(emb_ref, emb_val, ref_l1, p1, classes1, k: int = 25, half: 
     return out
 
 
-def run_rejection(held_out_types=("NK", "B"), head_weights=(1.0,)) -> dict:
+def run_rejection(held_out_types=("NK", "B"), head_weights=(1.0,), seeds=(0,)) -> dict:
     """Leave one reference type out of training (pbmc10k validation split); AUROC of each score
     for "is the left-out type" over the validation cells with a level-1 label."""
     from sklearn.metrics import roc_auc_score
@@ -354,26 +355,28 @@ def run_rejection(held_out_types=("NK", "B"), head_weights=(1.0,)) -> dict:
         full = {**batch, "labels": torch.from_numpy(codes)}
         train_batch, val_batch = take_rows(full, torch.as_tensor(tr)), take_rows(full, torch.as_tensor(va))
         is_held = labels[levels[0]][va] == held
-        for variant, heads, weight in ((("contrastive only", False, 0.0),) if 0.0 in head_weights else ()) + tuple(
-                (f"joint, head weight {w:g}", True, w) for w in head_weights if w > 0):
-            torch.manual_seed(0)
-            model = build_model(ConcertoConfig(modalities=("RNA",), head_weight=weight),
-                                {"RNA": counts.shape[1]}, 1, tuple(len(c) for c in classes) if heads else ())
-            if heads:
-                for i in range(len(levels)):
-                    cw = class_weights(np.bincount(codes[tr, i][codes[tr, i] >= 0], minlength=len(classes[i])), 0.5)
-                    for h in (model.heads, model.student_heads):
-                        if h is not None:
-                            h.class_weight(i).copy_(torch.from_numpy(cw))
-            fit_local(model, lambda e, b=train_batch: minibatches(b, BATCH, seed=e, by_domain=True), EPOCHS, LR,
-                      steps_per_epoch=max(1, tr.size // BATCH))
-            emb_ref, emb_val = model.embed(train_batch).numpy(), model.embed(val_batch).numpy()
-            p1 = model.head_probabilities(torch.from_numpy(emb_val))[0].numpy() if heads else None
-            scores = rejection_scores(emb_ref, emb_val, labels[levels[0]][tr], p1, classes[0],
-                                      half=model.config.embed_dim if model.student_heads is not None else None)
-            aurocs = {name: round(float(roc_auc_score(is_held, sc)), 4) for name, sc in scores.items()}
-            out[f"{held} left out, {variant}"] = aurocs
-            print(f"[rejection] {held} left out, {variant}: {aurocs}", flush=True)
+        for seed in seeds:
+            for variant, heads, weight in ((("contrastive only", False, 0.0),) if 0.0 in head_weights else ()) + tuple(
+                    (f"joint, head weight {w:g}", True, w) for w in head_weights if w > 0):
+                torch.manual_seed(seed)
+                model = build_model(ConcertoConfig(modalities=("RNA",), head_weight=weight),
+                                    {"RNA": counts.shape[1]}, 1, tuple(len(c) for c in classes) if heads else ())
+                if heads:
+                    for i in range(len(levels)):
+                        cw = class_weights(np.bincount(codes[tr, i][codes[tr, i] >= 0], minlength=len(classes[i])), 0.5)
+                        for h in (model.heads, model.student_heads):
+                            if h is not None:
+                                h.class_weight(i).copy_(torch.from_numpy(cw))
+                fit_local(model, lambda e, b=train_batch: minibatches(b, BATCH, seed=e, by_domain=True), EPOCHS, LR,
+                          steps_per_epoch=max(1, tr.size // BATCH))
+                emb_ref, emb_val = model.embed(train_batch).numpy(), model.embed(val_batch).numpy()
+                p1 = model.head_probabilities(torch.from_numpy(emb_val))[0].numpy() if heads else None
+                scores = rejection_scores(emb_ref, emb_val, labels[levels[0]][tr], p1, classes[0],
+                                          half=model.config.embed_dim if model.student_heads is not None else None)
+                aurocs = {name: round(float(roc_auc_score(is_held, sc)), 4) for name, sc in scores.items()}
+                name = f"{held} left out, {variant}" + (f", seed {seed}" if len(seeds) > 1 else "")
+                out[name] = aurocs
+                print(f"[rejection] {name}: {aurocs}", flush=True)
     return out
 
 
@@ -413,6 +416,7 @@ def main() -> None:
     parser.add_argument("--variants", default=None, help="comma-separated subset of the variant names' indices")
     parser.add_argument("--rejection-weights", default="1", help="rejection: head weights to compare")
     parser.add_argument("--held-out", default="NK,B", help="rejection: level-1 types left out, one model each")
+    parser.add_argument("--seeds", default="0", help="rejection: model seeds (one model per type and seed)")
     parser.add_argument("--head-weights", default="0,1,3", help="adtnorm: the head weights to build atlases with")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out" / "heads")
     args = parser.parse_args()
@@ -426,7 +430,8 @@ def main() -> None:
     out = {t: run_task(t, loaders[t], variants) for t in tasks if t in loaders}
     if "rejection" in tasks:
         out["rejection"] = run_rejection(tuple(args.held_out.split(",")),
-                                         tuple(float(w) for w in args.rejection_weights.split(",")))
+                                         tuple(float(w) for w in args.rejection_weights.split(",")),
+                                         tuple(int(s) for s in args.seeds.split(",")))
     if "adtnorm" in tasks:
         out["adtnorm"] = run_adtnorm(tuple(float(w) for w in args.head_weights.split(",")))
     args.out.mkdir(parents=True, exist_ok=True)
