@@ -75,50 +75,11 @@ def prepare_atlas(out: Path) -> tuple[Path, str]:
 
 
 def write_resampled_query(dst: Path, n_cells: int, chunk: int = 100_000, seed: int = 0) -> Path:
-    """Write ``n_cells`` resampled held-out pbmc10k cells (RNA counts only) to an .h5ad, one
-    chunk at a time: X is appended to the on-disk CSR, never held whole."""
-    import anndata as ad
-    import h5py
-    import pandas as pd
-    import scipy.sparse as sp
-    from anndata.io import sparse_dataset, write_elem
-
+    """``n_cells`` resampled held-out pbmc10k cells (the 20 % the demo's atlas never saw), RNA only."""
     sys.path.insert(0, str(HERE))
-    from resample import resample_counts
+    from resample import write_resampled_split
 
-    if dst.exists():
-        return dst
-    full = ad.read_h5ad(DATA / PBMC10K)
-    held_out = np.random.default_rng(0).random(full.n_obs) >= 0.8  # the demo's reference is the other 80 %
-    source = full[held_out]
-    csr = sp.csr_matrix(source.X, dtype=np.float32)
-    tmp = dst.with_suffix(".partial")
-    picked = []
-    with h5py.File(tmp, "w") as f:
-        for i, start in enumerate(range(0, n_cells, chunk)):
-            counts, src = resample_counts(csr, min(chunk, n_cells - start), seed=seed + i)
-            counts = sp.csr_matrix(counts, dtype=np.float32)
-            counts.indices = counts.indices.astype(np.int32)
-            if i == 0:
-                write_elem(f, "X", counts)  # anndata makes the CSR arrays resizable (maxshape None)
-            else:
-                sparse_dataset(f["X"]).append(counts)
-            picked.append(src)
-            print(f"  query: {start + counts.shape[0]:,}/{n_cells:,} cells written", flush=True)
-        src = np.concatenate(picked)
-        obs = source.obs.iloc[src][["cell_type_l1", "cell_type_l2"]].reset_index(drop=True)
-        obs.index = pd.Index([f"r{i}" for i in range(n_cells)])
-        obs["resampled_from"] = source.obs_names[src].astype(str)
-        write_elem(f, "obs", obs)
-        write_elem(f, "var", pd.DataFrame(index=source.var_names.astype(str)))
-        for key in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
-            write_elem(f, key, {})
-        f.attrs["encoding-type"], f.attrs["encoding-version"] = "anndata", "0.1.0"
-    check = ad.read_h5ad(tmp, backed="r")
-    assert check.shape == (n_cells, source.n_vars), check.shape
-    check.file.close()
-    tmp.rename(dst)
-    return dst
+    return write_resampled_split(DATA / PBMC10K, dst, n_cells, reference=False, chunk=chunk, seed=seed)
 
 
 # ----------------------------------------------------------------------------- runners (subprocess)

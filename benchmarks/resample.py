@@ -53,6 +53,52 @@ def resample_h5ad(src: Path, dst: Path, n_cells: int, seed: int = 0) -> Path:
     return dst
 
 
+def write_resampled_split(src: Path, dst: Path, n_cells: int, *, reference: bool, chunk: int = 100_000,
+                          seed: int = 0, labels: tuple[str, ...] = ("cell_type_l1", "cell_type_l2")) -> Path:
+    """Write ``n_cells`` cells resampled from one side of ``src``'s 80/20 split (``reference``: the
+    80 % the demo and the benchmarks build atlases from; else the held-out 20 %) to an .h5ad, one
+    chunk at a time: X is appended to the on-disk CSR, never held whole. RNA counts in X, the
+    ``labels`` columns and ``resampled_from`` in obs. An existing ``dst`` is reused."""
+    import h5py
+    import pandas as pd
+    from anndata.io import sparse_dataset, write_elem
+
+    if dst.exists():
+        return dst
+    full = ad.read_h5ad(src)
+    side = np.random.default_rng(0).random(full.n_obs) < 0.8  # the split every benchmark uses
+    source = full[side if reference else ~side]
+    csr = sp.csr_matrix(source.X, dtype=np.float32)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_suffix(".partial")
+    picked = []
+    with h5py.File(tmp, "w") as f:
+        for i, start in enumerate(range(0, n_cells, chunk)):
+            counts, drawn = resample_counts(csr, min(chunk, n_cells - start), seed=seed + i)
+            counts = sp.csr_matrix(counts, dtype=np.float32)
+            counts.indices = counts.indices.astype(np.int32)
+            if i == 0:
+                write_elem(f, "X", counts)  # anndata makes the CSR arrays resizable (maxshape None)
+            else:
+                sparse_dataset(f["X"]).append(counts)
+            picked.append(drawn)
+            print(f"  {dst.name}: {start + counts.shape[0]:,}/{n_cells:,} cells written", flush=True)
+        drawn = np.concatenate(picked)
+        obs = source.obs.iloc[drawn][[c for c in labels if c in source.obs]].reset_index(drop=True)
+        obs.index = pd.Index([f"r{i}" for i in range(n_cells)])
+        obs["resampled_from"] = source.obs_names[drawn].astype(str)
+        write_elem(f, "obs", obs)
+        write_elem(f, "var", pd.DataFrame(index=source.var_names.astype(str)))
+        for key in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
+            write_elem(f, key, {})
+        f.attrs["encoding-type"], f.attrs["encoding-version"] = "anndata", "0.1.0"
+    check = ad.read_h5ad(tmp, backed="r")
+    assert check.shape == (n_cells, source.n_vars), check.shape
+    check.file.close()
+    tmp.rename(dst)
+    return dst
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("src", type=Path)
