@@ -196,15 +196,47 @@ class MaskedAttentionPool(nn.Module):
         padded positions entirely — cells differ ~10× in their number of non-zeros.
         """
         scores = (torch.tanh(self.proj(h)) @ self.context.to(h.dtype)).float()  # [N]
-        # Softmax within each cell: subtract the cell's max for stability.
-        cell_max = torch.full((n_rows,), float("-inf"), device=h.device)
-        cell_max = cell_max.scatter_reduce(0, row, scores, reduce="amax", include_self=True)
-        expd = torch.exp(scores - cell_max[row])
-        denom = torch.zeros(n_rows, device=h.device).index_add(0, row, expd)
-        weights = expd / denom[row]
+        weights = _softmax_per_row(scores, row, n_rows)
         pooled = torch.zeros(n_rows, h.shape[1], device=h.device, dtype=torch.float32)
         pooled = pooled.index_add(0, row, weights[:, None] * h.float())
         return pooled.to(h.dtype), weights
+
+    def pool_scaled_rows(
+        self, table: torch.Tensor, ids: torch.Tensor, scale: torch.Tensor, row: torch.Tensor, n_rows: int,
+        chunk: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`pool_packed` of ``h_i = table[ids_i] · scale_i`` without materialising ``h``.
+
+        ``W h_i = scale_i · (W table^T)[ids_i]``, so the projection is applied to the table once,
+        and ``Σ a_i h_i`` is an ``embedding_bag`` with per-sample weights ``a_i · scale_i``. The
+        same values to float rounding (pool_packed on CPU is bound by passes over [N, D] tensors:
+        3.6x faster on pbmc10k's teacher). ``row`` must be sorted (``mask.nonzero()`` order);
+        ``chunk``: entries scored per pass, so the gathered rows stay in the CPU's cache (None: all).
+        """
+        projected = table @ self.proj.weight.T.to(table.dtype)  # [G, D]; bf16 under CUDA autocast
+        bias, context = self.proj.bias.to(projected.dtype), self.context.to(projected.dtype)
+        scale = scale.to(projected.dtype)
+        scores = torch.empty(ids.shape[0], dtype=torch.float32, device=ids.device)
+        step = chunk or max(int(ids.shape[0]), 1)
+        for lo in range(0, ids.shape[0], step):
+            part = slice(lo, lo + step)
+            pre = torch.addcmul(bias, scale[part, None], projected[ids[part]])
+            scores[part] = (torch.tanh(pre) @ context).float()
+        weights = _softmax_per_row(scores, row, n_rows)
+        offsets = torch.zeros(n_rows, dtype=torch.long, device=ids.device)
+        offsets[1:] = torch.cumsum(torch.bincount(row, minlength=n_rows), 0)[:-1]
+        pooled = F.embedding_bag(ids, table, offsets, mode="sum",
+                                 per_sample_weights=(weights * scale.float()).to(table.dtype))
+        return pooled, weights
+
+
+def _softmax_per_row(scores: torch.Tensor, row: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Softmax of packed ``scores`` [N] within each row (the cell's max subtracted for stability)."""
+    cell_max = torch.full((n_rows,), float("-inf"), device=scores.device)
+    cell_max = cell_max.scatter_reduce(0, row, scores, reduce="amax", include_self=True)
+    expd = torch.exp(scores - cell_max[row])
+    denom = torch.zeros(n_rows, device=scores.device).index_add(0, row, expd)
+    return expd / denom[row]
 
 
 class SparseLinear(nn.Module):

@@ -202,3 +202,27 @@ def test_teacher_attention_matches_formula_and_contribution_share():
         pass
     else:
         raise AssertionError("unknown kind must be rejected")
+
+
+def test_inference_pooling_equals_the_training_path(monkeypatch):
+    """Embedding and mapping (no gradient) pool without materialising the [entries, D] products;
+    the vectors and attention weights equal the training path's, for every chunking."""
+    import atlas.models.concerto as concerto
+
+    counts = sp.random(30, 200, density=0.08, format="csr", random_state=3, dtype=np.float32)
+    counts.data = np.ceil(counts.data * 20)
+    counts = sp.vstack([counts, sp.csr_matrix((1, 200), dtype=np.float32)]).tocsr()  # a cell with no counts
+    batch = csr_to_batch({"RNA": counts}, domain=np.r_[np.zeros(16), np.ones(15)].astype(np.int64))
+    torch.manual_seed(0)
+    model = build_model(ConcertoConfig(modalities=("RNA",), embed_dim=16), {"RNA": 200}, 2).eval()
+    teacher = model.teachers["RNA"]
+    args = (batch["RNA_ids"], batch["RNA_values"], batch["RNA_mask"], batch["domain"])
+    with torch.enable_grad():
+        want, want_w = teacher(*args)
+    for chunk in (5, 64, 100_000):
+        monkeypatch.setattr(concerto, "INFERENCE_CHUNK", chunk)
+        with torch.no_grad():
+            got, got_w = teacher(*args)
+        torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_w, want_w.detach(), rtol=1e-5, atol=1e-7)
+    assert got_w[-1].sum() == 0  # the empty cell: no weights, and (pooled 0) the same output as training
