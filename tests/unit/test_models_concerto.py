@@ -204,9 +204,10 @@ def test_teacher_attention_matches_formula_and_contribution_share():
         raise AssertionError("unknown kind must be rejected")
 
 
-def test_inference_pooling_equals_the_training_path(monkeypatch):
-    """Embedding and mapping (no gradient) pool without materialising the [entries, D] products;
-    the vectors and attention weights equal the training path's, for every chunking."""
+def test_fused_pooling_equals_the_materialised_one_in_values_and_gradients(monkeypatch):
+    """The teacher pools without materialising the [entries, D] products (training, embedding and
+    mapping); its vectors, attention weights and every parameter's gradient equal those of the
+    plain formula (``_pool``), for every chunking, a cell with no counts included."""
     import atlas.models.concerto as concerto
 
     counts = sp.random(30, 200, density=0.08, format="csr", random_state=3, dtype=np.float32)
@@ -217,12 +218,26 @@ def test_inference_pooling_equals_the_training_path(monkeypatch):
     model = build_model(ConcertoConfig(modalities=("RNA",), embed_dim=16), {"RNA": 200}, 2).eval()
     teacher = model.teachers["RNA"]
     args = (batch["RNA_ids"], batch["RNA_values"], batch["RNA_mask"], batch["domain"])
-    with torch.enable_grad():
-        want, want_w = teacher(*args)
+    probe = torch.randn(31, 16)
+
+    def grads(pooled):
+        teacher.zero_grad()
+        (pooled * probe).sum().backward()
+        return {k: p.grad.clone() for k, p in teacher.named_parameters() if p.grad is not None}
+
+    want, _, want_w, (rows, cols) = teacher._pool(*args)
+    want_grads = grads(want)
     for chunk in (5, 64, 100_000):
-        monkeypatch.setattr(concerto, "INFERENCE_CHUNK", chunk)
+        monkeypatch.setattr(concerto, "FUSED_CHUNK", chunk)
+        got, got_w, _ = teacher._pool_fused(*args)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-7)
+        got_grads = grads(got)
+        assert set(got_grads) == set(want_grads) == {n for n, _ in teacher.named_parameters()
+                                                     if not n.startswith(("norm", "dense"))}
+        for name, g in want_grads.items():
+            # float32 sums in another order: equal to ~1e-6 of the gradient's scale
+            torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=1e-5 * float(g.abs().max()), msg=name)
         with torch.no_grad():
-            got, got_w = teacher(*args)
-        torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(got_w, want_w.detach(), rtol=1e-5, atol=1e-7)
-    assert got_w[-1].sum() == 0  # the empty cell: no weights, and (pooled 0) the same output as training
+            out, weights = teacher(*args)
+        assert out.shape == (31, 16) and weights[-1].sum() == 0  # the empty cell has no weights
