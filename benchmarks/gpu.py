@@ -123,12 +123,11 @@ def run(args: argparse.Namespace) -> dict:
                                "args": {k: str(v) for k, v in vars(args).items()}, "stages": {}}
 
     started = t = time.perf_counter()
-    reused = all((out / f"{side}_{n}.h5ad").exists() for side, n in
-                 (("reference", args.reference_cells), ("query", args.query_cells)))
-    reference = write_resampled_split(DATA / PBMC10K, out / f"reference_{args.reference_cells}.h5ad",
-                                      args.reference_cells, reference=True)
-    query = write_resampled_split(DATA / PBMC10K, out / f"query_{args.query_cells}.h5ad", args.query_cells,
-                                  reference=False, seed=1)
+    reference = out / f"reference_{args.reference_cells}.h5ad"
+    query = out / f"query_{args.query_cells}.h5ad"
+    reused = reference.exists() and query.exists()
+    write_resampled_split(DATA / PBMC10K, reference, args.reference_cells, reference=True)
+    write_resampled_split(DATA / PBMC10K, query, args.query_cells, reference=False, seed=1)
     _stage(results, "data", t, args.reference_cells + args.query_cells, reused=reused)
 
     peaks = Peaks()

@@ -147,19 +147,15 @@ def predict_profiles(coarse: Hits, searcher: Searcher, modalities: Sequence[str]
     (NaN row: none of them measured it), pooled exactly over the shards the hits lie in."""
     n = coarse.position.shape[0]
     out = {}
+    names = coarse.shard_names
+    if not names:
+        raise ValueError("predict_profiles: the coarse hits name no shard to pool profiles over")
     for m in modalities:
-        features: list[str] | None = None
-        sums: np.ndarray | None = None
-        counts: np.ndarray | None = None
-        for name in coarse.shard_names:
-            f, s, c = searcher.profile_sums(name, m, coarse.positions_in(name))
-            if features is None or sums is None or counts is None:  # the first shard (all three set together)
-                features, sums, counts = f, s, c
-            else:
-                sums, counts = sums + s, counts + c
-        if sums is None or counts is None:
-            raise ValueError("predict_profiles: the coarse hits name no shard to pool profiles over")
-        values = np.full((n, len(features or [])), np.nan, np.float32)
+        features, sums, counts = searcher.profile_sums(names[0], m, coarse.positions_in(names[0]))
+        for name in names[1:]:
+            _, s, c = searcher.profile_sums(name, m, coarse.positions_in(name))
+            sums, counts = sums + s, counts + c
+        values = np.full((n, len(features)), np.nan, np.float32)
         has = counts > 0
         values[has] = (sums[has] / counts[has, None]).astype(np.float32)
         out[m] = pd.DataFrame(values, columns=features)

@@ -40,7 +40,7 @@ import scipy.sparse as sp
 
 from atlas.mapping.align import MappingError
 from atlas.names import csr_columns
-from atlas.store.rows import UnreadableMatrix, anndata_rows, check_csc, element_shape, encoding, is_group
+from atlas.store.rows import UnreadableMatrix, anndata_rows, check_readable, element_shape, encoding, is_group
 
 FORMATS = ("h5ad", "zarr", "soma")
 
@@ -174,13 +174,8 @@ def _index_of(group: Any) -> str:
 
 
 def _matrix_of(root: Any, element: str, features: tuple[str, ...], path: Path) -> QueryMatrix:
-    elem = root[element]
-    kind = encoding(elem)
     try:
-        if kind == "csc_matrix":
-            check_csc(elem)  # on the driver: a query too large to read whole fails before any task runs
-        elif is_group(elem) and kind != "csr_matrix":
-            raise UnreadableMatrix(f"has an unsupported encoding {kind!r}; store counts as a CSR or dense matrix")
+        check_readable(root[element])  # on the driver: a matrix the read tasks would refuse fails here
     except UnreadableMatrix as e:
         raise MappingError(f"query {path}: {element} {e}, or map it in memory with atlas.mapping.map_query") from None
     return QueryMatrix(element, "matrix", features)

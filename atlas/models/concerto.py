@@ -103,14 +103,21 @@ class ConcertoTeacher(nn.Module):
         self, ids: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, domain: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """(pooled [B, D], packed h [N, D], packed weights [N], (rows, cols) of the packed entries)."""
-        # Only the measured features are embedded (packed), never the padding.
-        rows, cols = mask.nonzero(as_tuple=True)
-        if domain is None:
-            domain = torch.full((ids.shape[0],), UNSEEN_DOMAIN, dtype=torch.long, device=ids.device)
-        v = self.value_norm(values[rows, cols].float().unsqueeze(-1), domain.to(ids.device)[rows])
-        h = self.embedding(ids[rows, cols]) * v.to(self.embedding.weight.dtype)
+        rows, cols, v = self._packed_values(values, mask, domain)
+        h = self.embedding(ids[rows, cols]) * v.unsqueeze(-1).to(self.embedding.weight.dtype)
         pooled, w = self.pool.pool_packed(h, rows, ids.shape[0])
         return pooled, h, w, (rows, cols)
+
+    def _packed_values(
+        self, values: torch.Tensor, mask: torch.Tensor, domain: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(rows, cols, v)``: where the measured features sit (only they are embedded, never the
+        padding) and their values after the value normalisation, packed [N]."""
+        rows, cols = mask.nonzero(as_tuple=True)
+        if domain is None:
+            domain = torch.full((mask.shape[0],), UNSEEN_DOMAIN, dtype=torch.long, device=mask.device)
+        v = self.value_norm(values[rows, cols].float().unsqueeze(-1), domain.to(mask.device)[rows])
+        return rows, cols, v.squeeze(-1)
 
     def _pool_fused(
         self, ids: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, domain: torch.Tensor
@@ -119,8 +126,7 @@ class ConcertoTeacher(nn.Module):
         (:meth:`MaskedAttentionPool.pool_scaled_rows`): what training, embedding and mapping run.
         Same values and gradients as :meth:`_pool` to float rounding (tests), 3x faster forward +
         backward on CPU; :meth:`_pool` stays for :meth:`contributions`, which needs each ``h_i``."""
-        rows, cols = mask.nonzero(as_tuple=True)
-        v = self.value_norm(values[rows, cols].float().unsqueeze(-1), domain.to(ids.device)[rows]).squeeze(-1)
+        rows, cols, v = self._packed_values(values, mask, domain)
         chunk = FUSED_CHUNK if ids.device.type == "cpu" else None  # one pass on a GPU
         pooled, w = self.pool.pool_scaled_rows(self.embedding.weight, ids[rows, cols], v, rows, ids.shape[0], chunk)
         return pooled, w, (rows, cols)

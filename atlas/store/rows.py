@@ -153,16 +153,24 @@ def check_csc(elem: Any, limit: int | None = None) -> None:
             f"{limit:,} read whole (a block of cells touches every column); {_REWRITE_CSR}")
 
 
+def check_readable(elem: Any) -> None:
+    """What :func:`anndata_rows` refuses, checked without reading any values: a CSC element too
+    large to read whole, and groups that are not a sparse matrix."""
+    kind = encoding(elem)
+    if kind == "csc_matrix":
+        check_csc(elem)
+    elif is_group(elem) and kind != "csr_matrix":
+        raise UnreadableMatrix(f"has an unsupported encoding {kind!r}; store counts as a CSR or dense matrix")
+
+
 def anndata_rows(elem: Any) -> RowMatrix:
     """The row reader of an AnnData matrix element (CSR, CSC or dense; see the module doc)."""
+    check_readable(elem)
     kind = encoding(elem)
     if kind == "csr_matrix":
         return SparseDatasetRows(elem)
     if kind == "csc_matrix":
         from anndata.io import sparse_dataset
 
-        check_csc(elem)
         return InMemoryRows(sparse_dataset(elem).to_memory())
-    if is_group(elem):
-        raise UnreadableMatrix(f"has an unsupported encoding {kind!r}; store counts as a CSR or dense matrix")
     return DenseRows(elem)
