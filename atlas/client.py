@@ -95,6 +95,8 @@ class AtlasClient:
         self.content_type = content_type
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, verify=verify_tls)
         self._info: dict[str, Any] | None = None
+        #: Seconds per stage of each request of the last :meth:`map` (see :meth:`map`).
+        self.timings: list[dict[str, float]] = []
 
     # -- plumbing ----------------------------------------------------------------------------
     def close(self) -> None:
@@ -169,6 +171,11 @@ class AtlasClient:
         so that it is normalised by its own statistics exactly as offline; a batch larger than one
         request is normalised per request (``uns["atlas"]["query_domains"]`` says so: ``requests``).
 
+        After the call, :attr:`timings` holds one dict per request: the client's ``encode``,
+        ``request`` (round trip) and ``decode`` seconds, and the server's stages from its
+        ``Server-Timing`` header prefixed ``server.`` (``server.embed``, ``server.labels``,
+        ``server.total``…), to trace a slow query to its stage.
+
         Returns:
             An AnnData with the query's ``obs_names``: ``obs[f"{level}_pred"]``,
             ``obs[f"{level}_confidence"]``, ``obs[f"{level}_unknown"]``, ``obsm["X_atlas"]``,
@@ -182,6 +189,7 @@ class AtlasClient:
         from atlas.wire import concat_results, result_to_anndata, take_cells
 
         params = MapParams.parse(params, **options)
+        self.timings = []
         n = adata.n_obs
         if n == 0:
             raise MappingError("the query has no cells")
@@ -245,8 +253,11 @@ class AtlasClient:
                    max_bytes: int | None, advance: Any) -> list[Any]:
         """Results of cells ``start:stop``; halves the range while its body is too large."""
         from atlas.mapping.align import MappingError, query_matrix
+        from atlas.timing import StageClock, parse_server_timing
         from atlas.wire import decode_result, encode_request
 
+        clock = StageClock()
+        started = time.perf_counter()
         chunk = adata[start:stop]
         payload = QueryPayload([str(c) for c in chunk.obs_names], {}, params)
         for m in modalities:
@@ -256,21 +267,26 @@ class AtlasClient:
             counts, features = found
             payload.modalities[m] = (features, counts)
         body = encode_request(payload, self.content_type)
+        clock.add("encode", time.perf_counter() - started)
         del payload, chunk
         too_large = max_bytes is not None and len(body) > max_bytes
         if not too_large:
             try:
-                response = self._request("POST", "/v1/map", content=body,
-                                         headers={"Content-Type": self.content_type, "Accept": self.content_type})
+                with clock("request"):
+                    response = self._request("POST", "/v1/map", content=body,
+                                             headers={"Content-Type": self.content_type, "Accept": self.content_type})
             except RequestRejected as e:
                 if e.status != 413 or stop - start == 1:
                     raise
                 too_large = True  # the server's limits are lower than it said: split further
             else:
                 del body
-                result = decode_result(response.content, response.headers.get("content-type", self.content_type))
+                with clock("decode"):
+                    result = decode_result(response.content, response.headers.get("content-type", self.content_type))
                 if result.n_cells != stop - start:
                     raise WireError(f"the service answered {result.n_cells} cells for {stop - start}")
+                served = parse_server_timing(response.headers.get("server-timing"))
+                self.timings.append({**clock.seconds, **{f"server.{k}": v for k, v in served.items()}})
                 advance(stop - start)
                 return [result]
         if stop - start == 1:

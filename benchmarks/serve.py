@@ -124,6 +124,12 @@ def _load(url: str, token: str, clients: int, seconds: float, request_cells: int
     }
 
 
+def _mean_stages(timings: list[dict[str, float]]) -> dict[str, float]:
+    """Mean seconds per stage over the requests of one query (client stages and ``server.*``)."""
+    names = list(dict.fromkeys(name for t in timings for name in t))
+    return {name: float(np.mean([t.get(name, 0.0) for t in timings])) for name in names}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifact", type=Path,
@@ -191,6 +197,8 @@ def main() -> None:
             t = time.perf_counter()
             client.map(big, predict=["protein"], progress=False)
             results["sdk_10k_s"] = time.perf_counter() - t
+            results["sdk_10k_requests"] = len(client.timings)
+            results["sdk_10k_stages"] = _mean_stages(client.timings)
         for clients in sorted({1, args.clients}):
             print(f"[bench] {clients} client(s) × {args.request_cells}-cell requests for {args.seconds:.0f} s")
             results[f"load_{clients}"] = _load(url, token, clients, args.seconds, args.request_cells, pool)
@@ -228,6 +236,17 @@ def _table(r: dict, args: argparse.Namespace) -> str:
         f"| peer: PCA + kNN (Azimuth-style), {n:,} cells | {n / r['pca_knn_10k_s']:,.0f} | — | — | "
         f"{r['pca_knn_10k_s']:.1f} s (+ {r['pca_knn_fit_s']:.1f} s fit on the reference) |",
     ]
+    stages = r.get("sdk_10k_stages") or {}
+    if stages:
+        server = {k.removeprefix("server."): v for k, v in stages.items() if k.startswith("server.")}
+        rows.append(f"\nWhere one request of the {n:,}-cell query goes ({r['sdk_10k_requests']} requests "
+                    f"of ≤ {n // max(r['sdk_10k_requests'], 1):,} cells, some in flight together; mean seconds):\n")
+        outside = stages.get("request", 0) - server.get("total", 0)  # HTTP, Serve's proxy and its hop
+        rows.append("| client encode | round trip | of which outside the ingress | client decode | "
+                    + " | ".join(f"server {k}" for k in server) + " |")
+        rows.append("| " + " | ".join(["---:"] * (4 + len(server))) + " |")
+        rows.append(f"| {stages.get('encode', 0):.3f} | {stages.get('request', 0):.3f} | {outside:.3f} | "
+                    f"{stages.get('decode', 0):.3f} | " + " | ".join(f"{v:.3f}" for v in server.values()) + " |")
     rows.append(f"\nPeak memory of the local Ray (all processes, RSS): {r['peak_memory_gib']:.2f} GiB; "
                 f"service start {r['service_start_s']:.0f} s; {r['cpu_count']} CPUs, load average "
                 f"{r['load_average_start']:.1f} at the start, {r['load_average_end']:.1f} at the end.")

@@ -50,6 +50,7 @@ from atlas.names import (
     probabilities_key,
     profile_key,
 )
+from atlas.timing import StageClock
 
 MODELS = ("concerto", "cvqvae")
 
@@ -253,11 +254,14 @@ def run_mapping(
     searcher: Searcher,
     obs_names: Any = None,
     fixed_domains: FixedDomains | None = None,
+    clock: StageClock | None = None,
 ) -> ad.AnnData:
     """:func:`map_query` with the model and the shards behind callables — the Serve ingress runs
     this with the encoder deployment as ``embed(aligned, decode, domains) -> (embedding, decoded)``
     and a searcher over shard deployments; ``root_levels`` / ``root_profiles`` describe the root
-    shard (label levels it carries, modalities it stores profiles of) so the caller need not load it."""
+    shard (label levels it carries, modalities it stores profiles of) so the caller need not load it;
+    ``clock`` (optional) gets the seconds of each stage: prepare, embed, labels, profiles, assemble."""
+    clock = clock if clock is not None else StageClock()
     layout = atlas.layout
     if layout is None:
         raise MappingError(f"atlas {atlas.version} has no index shards; rebuild it with index levels")
@@ -269,39 +273,45 @@ def run_mapping(
     thresholds = resolve_thresholds(params.thresholds, atlas.manifest, available)
     batches = batch_labels(adata, params.batch_key, params.batch)
 
-    aligned, has_data, reports = prepare_query(adata, atlas, min_fraction=params.min_fraction)
-    knn_targets, decode = plan_predictions(atlas.manifest, list(root_profiles), list(reports), params.predict,
-                                           params.predict_method)
-    if fixed_domains is not None:
-        codes = fixed_domains.codes(batches, has_data) if batches is not None else None
-        domains = None if codes is None else QueryDomains(codes, params.domain_statistics)
-        domain_report = fixed_domains.report
-    else:
-        domains, domain_report = query_domains(batches, has_data, statistics=params.domain_statistics,
-                                               min_cells=params.min_domain_cells, batch_key=params.batch_key,
-                                               batch=params.batch)
-    emb, decoded = embed(aligned, decode, domains)
-    heads = atlas.heads()
-    typical = (atlas.manifest.get("mapping") or {}).get("typical_similarity")
-    balance = vote_balance(atlas.manifest)
-    head_probabilities = heads.probabilities(emb) if heads is not None else {}
-    labels, coarse = assign_labels(emb, has_data, searcher, layout, levels, k_coarse=params.k_coarse,
-                                   k_fine=params.k_fine, thresholds=thresholds, heads=heads, typical=typical,
-                                   balance=balance, probabilities=head_probabilities)
-    profiles = predict_profiles(coarse, searcher, knn_targets)
-    decoded_frames = {m: pd.DataFrame(v, columns=atlas.vocabulary[m]) for m, v in decoded.items()}
-    class_probabilities = {} if heads is None else {
-        lv: pd.DataFrame(p, columns=list(heads.classes[heads.levels.index(lv)]))
-        for lv, p in head_probabilities.items() if lv in levels}
-    empty = np.flatnonzero(~has_data)
-    for frame in (*profiles.values(), *decoded_frames.values(), *class_probabilities.values()):
-        frame.iloc[empty] = np.nan  # predicted from nothing: not measured, not a prediction
-    uns = {"atlas": {**mapping_uns(atlas.manifest, reports, levels, params, thresholds, int((~has_data).sum())),
-                     "query_domains": domain_report,
-                     "confidence": confidence_rule(levels, heads, typical),
-                     "vote_balance": (atlas.manifest.get("mapping") or {}).get("vote_balance", {}).get("power", 0.0)}}
-    return assemble(adata.obs_names if obs_names is None else obs_names, emb, labels, profiles, decoded_frames,
-                    coarse if params.return_neighbors else None, uns, class_probabilities)
+    with clock("prepare"):
+        aligned, has_data, reports = prepare_query(adata, atlas, min_fraction=params.min_fraction)
+        knn_targets, decode = plan_predictions(atlas.manifest, list(root_profiles), list(reports), params.predict,
+                                               params.predict_method)
+        if fixed_domains is not None:
+            codes = fixed_domains.codes(batches, has_data) if batches is not None else None
+            domains = None if codes is None else QueryDomains(codes, params.domain_statistics)
+            domain_report = fixed_domains.report
+        else:
+            domains, domain_report = query_domains(batches, has_data, statistics=params.domain_statistics,
+                                                   min_cells=params.min_domain_cells, batch_key=params.batch_key,
+                                                   batch=params.batch)
+    with clock("embed"):
+        emb, decoded = embed(aligned, decode, domains)
+    with clock("labels"):
+        heads = atlas.heads()
+        typical = (atlas.manifest.get("mapping") or {}).get("typical_similarity")
+        balance = vote_balance(atlas.manifest)
+        head_probabilities = heads.probabilities(emb) if heads is not None else {}
+        labels, coarse = assign_labels(emb, has_data, searcher, layout, levels, k_coarse=params.k_coarse,
+                                       k_fine=params.k_fine, thresholds=thresholds, heads=heads, typical=typical,
+                                       balance=balance, probabilities=head_probabilities)
+    with clock("profiles"):
+        profiles = predict_profiles(coarse, searcher, knn_targets)
+    with clock("assemble"):
+        decoded_frames = {m: pd.DataFrame(v, columns=atlas.vocabulary[m]) for m, v in decoded.items()}
+        class_probabilities = {} if heads is None else {
+            lv: pd.DataFrame(p, columns=list(heads.classes[heads.levels.index(lv)]))
+            for lv, p in head_probabilities.items() if lv in levels}
+        empty = np.flatnonzero(~has_data)
+        for frame in (*profiles.values(), *decoded_frames.values(), *class_probabilities.values()):
+            frame.iloc[empty] = np.nan  # predicted from nothing: not measured, not a prediction
+        uns = {"atlas": {**mapping_uns(atlas.manifest, reports, levels, params, thresholds, int((~has_data).sum())),
+                         "query_domains": domain_report,
+                         "confidence": confidence_rule(levels, heads, typical),
+                         "vote_balance": (atlas.manifest.get("mapping") or {}).get("vote_balance", {}).get("power", 0.0)}}
+        out = assemble(adata.obs_names if obs_names is None else obs_names, emb, labels, profiles, decoded_frames,
+                       coarse if params.return_neighbors else None, uns, class_probabilities)
+    return out
 
 
 def vote_balance(manifest: Mapping[str, Any]) -> dict[str, dict[str, float]]:

@@ -174,3 +174,15 @@ class LocalSearcher:
     def profile_sums(self, shard_name: str, modality: str,
                      positions: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
         return shard_profile_sums(self.atlas.shard(shard_name, **self.shard_kwargs), modality, positions)
+
+
+def describe_shard(shard: Any) -> dict[str, Any]:
+    """A shard's levels, label values, profile features and size (what a shard replica reports;
+    here, not beside the pipeline, so that a shard replica never imports torch or anndata)."""
+    return {
+        "name": shard.name,
+        "n_cells": int(shard.n_cells),
+        "levels": list(shard.labels),
+        "labels": {lv: sorted(set(np.asarray(v).tolist()) - {""}) for lv, v in shard.labels.items()},
+        "profiles": {m: list(f) for m, (f, _) in shard.profiles.items()},
+    }

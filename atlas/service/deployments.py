@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,15 +46,36 @@ class Encoder:
         self.batch_cells = batch_cells
         self.embed.set_max_batch_size(max_batch_size)
         self.embed.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._warm_up()
         log.info("encoder for atlas %s on %s", self.atlas.version, device)
+
+    def _warm_up(self) -> None:
+        """One tiny forward pass before the replica counts as started: torch's first call (thread
+        pools, kernels, ~1 s on CPU) is paid here instead of by the first request."""
+        from atlas.mapping.query import embed_prepared, model_modalities
+
+        cell = {}
+        for m in model_modalities(self.atlas.manifest):
+            k = min(16, len(self.atlas.vocabulary[m]))
+            cell[m] = sp.csr_matrix((np.ones(k, np.float32), (np.zeros(k, int), np.arange(k))),
+                                    shape=(1, len(self.atlas.vocabulary[m])))
+        embed_prepared(cell, self.model, max_features=self.max_features, batch_size=1, device=self.device)
+
+    def ready(self) -> str:
+        """The device it embeds on (a cheap call: the ingress warms its handle with it)."""
+        return self.device
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def embed(self, items: list[tuple[Mapping[str, sp.csr_matrix], Mapping[str, str], Any]]
-                    ) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
+                    ) -> list[tuple[np.ndarray, dict[str, np.ndarray], float]]:
         """Per item ``(aligned CSR per modality, {target: source} to decode, QueryDomains or None)``
-        → ``(embedding, decoded)``."""
+        → ``(embedding, decoded, seconds)``: ``seconds`` is the model time of the batch that held
+        it (the rest of the caller's wait is queueing and transfer)."""
         # Off the event loop: the replica keeps answering health checks while the model runs.
-        return await asyncio.to_thread(self._embed_many, items)
+        start = time.perf_counter()
+        out = await asyncio.to_thread(self._embed_many, items)
+        seconds = time.perf_counter() - start
+        return [(emb, decoded, seconds) for emb, decoded in out]
 
     def _embed_many(self, items: list[tuple[Mapping[str, sp.csr_matrix], Mapping[str, str], Any]]
                     ) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
@@ -123,7 +145,7 @@ class IndexShard:
 
     def describe(self) -> dict[str, Any]:
         """Levels, label values, profile features and size of this shard."""
-        from atlas.service.pipeline import describe_shard
+        from atlas.mapping.search import describe_shard
 
         return {**describe_shard(self.shard), "atlas_version": self.version}
 

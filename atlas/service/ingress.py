@@ -16,8 +16,10 @@ No ``from __future__ import annotations`` here: FastAPI reads the route annotati
 """
 
 import asyncio
+import functools
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -155,6 +157,11 @@ def install_error_handling(app: FastAPI) -> None:
         return _problem_response(request, 400, "invalid request: " + "; ".join(parts))
 
 
+def _describe(handle: Any) -> Callable[[], Any]:
+    """A sender of a shard deployment's ``describe`` call (for :func:`~atlas.service.remote.gather`)."""
+    return lambda: handle.describe.remote()
+
+
 def make_ingress():
     """The ingress deployment class (built here: the FastAPI app must not be a module global)."""
     app = FastAPI(title="atlas mapping service", version=__version__, description=_DESCRIPTION,
@@ -186,8 +193,23 @@ def make_ingress():
             self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="map")
             self._pipeline: Any = None  # a MappingPipeline once built
             self._lock = threading.Lock()
+            threading.Thread(target=self._warm_up, name="warm-up", daemon=True).start()
             log.info("ingress for atlas %s (%d shards, auth %s)", self.atlas.version, len(self.shards),
                      "off" if self.tokens is None else "on")
+
+        def _warm_up(self) -> None:
+            """Build the pipeline and make a first call on every handle, in the background: a
+            handle's first call (its router finding the replicas) and the shard descriptions took
+            ~4 s of the first request. A request that comes sooner waits for the pipeline's lock."""
+            from atlas.service.remote import call, gather
+
+            try:
+                self._pipeline_sync()
+                rest = [n for n in self.shards if n not in self._layout().root.shards]
+                gather(f"index shard(s) {rest}", [_describe(self.shards[n]) for n in rest], self.policy)
+                call("the encoder", lambda: self.encoder.ready.remote(), self.policy)
+            except Exception:  # noqa: BLE001 - a request will meet (and report) the same failure
+                log.warning("warm-up of the ingress failed; the first request will retry", exc_info=True)
 
         # -- helpers ------------------------------------------------------------------------
         def _layout(self) -> Any:
@@ -211,13 +233,10 @@ def make_ingress():
             from atlas.service.pipeline import MappingPipeline, root_info
             from atlas.service.remote import gather
 
-            def describe(handle: Any) -> Callable[[], Any]:
-                return lambda: handle.describe.remote()
-
             with self._lock:
                 if self._pipeline is None:
                     names = list(self._layout().root.shards)
-                    descriptions = gather(f"index shard(s) {names}", [describe(self.shards[n]) for n in names],
+                    descriptions = gather(f"index shard(s) {names}", [_describe(self.shards[n]) for n in names],
                                           self.policy)
                     self._pipeline = MappingPipeline(self.atlas, root_info(descriptions))
                 return self._pipeline
@@ -226,21 +245,28 @@ def make_ingress():
             # Off the event loop; errors become HTTP answers in the app's exception handlers.
             return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
-        def _embed(self, aligned, decode, domains):
+        def _embed(self, aligned, decode, domains, clock):
             from atlas.service.remote import call
 
-            return call("the encoder", lambda: self.encoder.embed.remote((aligned, dict(decode), domains)),
-                        self.policy)
+            emb, decoded, seconds = call(
+                "the encoder", lambda: self.encoder.embed.remote((aligned, dict(decode), domains)), self.policy)
+            clock.add("encoder", seconds)  # the model's share of the request's "embed"
+            return emb, decoded
 
-        def _map_sync(self, body: bytes, content_type: str, query: Dict[str, Any], out_type: str) -> bytes:
+        def _map_sync(self, body: bytes, content_type: str, query: Dict[str, Any], out_type: str,
+                      clock: Any) -> bytes:
             from atlas.wire import decode_request, encode_result, merge_params, result_from_anndata
 
-            payload = decode_request(body, content_type, max_cells=self.max_cells,
-                                     max_decoded_bytes=4 * self.max_bytes)
-            params = merge_params(payload.params, query)
+            with clock("decode"):
+                payload = decode_request(body, content_type, max_cells=self.max_cells,
+                                         max_decoded_bytes=4 * self.max_bytes)
+                params = merge_params(payload.params, query)
+                adata = payload.to_anndata()
             pipeline = self._pipeline_sync()
-            result = pipeline.map(payload.to_anndata(), pd.Index(payload.cells), params, self._embed, self.searcher)
-            return encode_result(result_from_anndata(result, payload.cells), out_type)
+            embed = functools.partial(self._embed, clock=clock)
+            result = pipeline.map(adata, pd.Index(payload.cells), params, embed, self.searcher, clock)
+            with clock("encode"):
+                return encode_result(result_from_anndata(result, payload.cells), out_type)
 
         def _info_sync(self) -> Dict[str, Any]:
             from atlas.mapping.query import model_modalities
@@ -283,8 +309,11 @@ def make_ingress():
         async def map_cells(self, request: Request) -> Response:
             # The mapping parameters (atlas.mapping.params.MapParams) are read from the query
             # string by the one text parser every CLI uses, and documented from the same model.
+            from atlas.timing import StageClock
             from atlas.wire import choose_response_type, media_type, params_from_query
 
+            clock = StageClock()
+            started = time.perf_counter()
             self._authorize(request)
             content_type = media_type(request.headers.get("content-type"))
             if content_type not in CONTENT_TYPES:
@@ -292,11 +321,14 @@ def make_ingress():
                                    f"{list(CONTENT_TYPES)} (see atlas.wire)")
             # JSON is for a few cells: parsed into Python objects it takes ~20x its size.
             limit = min(self.max_bytes, JSON_MAX_BYTES) if content_type == JSON else self.max_bytes
-            body = await read_body(request, limit, hint="" if limit == self.max_bytes else
-                                   f" (JSON bodies; send {ARROW} or {NPZ} for more cells)")
+            with clock("receive"):
+                body = await read_body(request, limit, hint="" if limit == self.max_bytes else
+                                       f" (JSON bodies; send {ARROW} or {NPZ} for more cells)")
             query = await self._run(params_from_query, list(request.query_params.multi_items()))
             out_type = choose_response_type(content_type, request.headers.get("accept"))
-            content = await self._run(self._map_sync, body, content_type, query, out_type)
-            return Response(content, media_type=out_type)
+            content = await self._run(self._map_sync, body, content_type, query, out_type, clock)
+            clock.add("total", time.perf_counter() - started)
+            # Seconds per stage, for the client (AtlasClient.timings) and browsers' developer tools.
+            return Response(content, media_type=out_type, headers={"Server-Timing": clock.header()})
 
     return Ingress

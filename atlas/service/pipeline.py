@@ -27,6 +27,7 @@ from atlas.mapping.query import (
     run_mapping,
 )
 from atlas.mapping.search import Searcher
+from atlas.timing import StageClock
 from atlas.wire import MapParams
 
 #: ``embed(aligned, decode, domains) -> (embedding float32 [cells, d], {target: decoded float32 [cells, f]})``
@@ -46,17 +47,6 @@ class RootShardInfo:
     labels: dict[str, list[str]] = field(default_factory=dict)
     """Level → sorted label values (for ``GET /v1/atlas``)."""
     n_cells: int = 0
-
-
-def describe_shard(shard: Any) -> dict[str, Any]:
-    """A shard's levels, label values, profile features and size (what a shard replica reports)."""
-    return {
-        "name": shard.name,
-        "n_cells": int(shard.n_cells),
-        "levels": list(shard.labels),
-        "labels": {lv: sorted(set(np.asarray(v).tolist()) - {""}) for lv, v in shard.labels.items()},
-        "profiles": {m: list(f) for m, (f, _) in shard.profiles.items()},
-    }
 
 
 def root_info(descriptions: Sequence[Mapping[str, Any]]) -> RootShardInfo:
@@ -87,7 +77,8 @@ class MappingPipeline:
                 out.setdefault(target, []).append("decoder")
         return out
 
-    def map(self, adata: Any, obs_names: Any, params: MapParams, embed: Embed, searcher: Searcher) -> Any:
+    def map(self, adata: Any, obs_names: Any, params: MapParams, embed: Embed, searcher: Searcher,
+            clock: StageClock | None = None) -> Any:
         """The contract's AnnData for ``adata`` (see :func:`atlas.mapping.map_query`).
 
         A request carries no obs columns: ``batch_key`` is the client's (it sends each batch in
@@ -97,4 +88,4 @@ class MappingPipeline:
                                "of their own with batch=NAME (AtlasClient.map(batch_key=...) does)")
         return run_mapping(adata, self.atlas, params, root_levels=self.root.levels,
                            root_profiles=list(self.root.profiles), embed=embed, searcher=searcher,
-                           obs_names=obs_names)
+                           obs_names=obs_names, clock=clock)

@@ -396,6 +396,15 @@ def test_sdk_maps_in_chunks_like_offline(service):
     assert len(posts) >= 3
     assert_same(served, offline_result)
     assert served.obs_names.name == "barcode"
+    # Every request's stages, the server's from its Server-Timing header.
+    assert len(client.timings) == len(posts)
+    server = ["server.receive", "server.decode", "server.prepare", "server.embed", "server.labels",
+              "server.profiles", "server.assemble", "server.encode", "server.total"]
+    for timing in client.timings:
+        assert set(timing) == {"encode", "request", "decode", "server.encoder", *server}
+        assert all(v >= 0 for v in timing.values())
+        assert sum(timing[s] for s in server[:-1]) <= timing["server.total"] + 0.01 < timing["request"] + 0.01
+        assert timing["server.encoder"] <= timing["server.embed"] + 0.01  # the model's share of the hop
     assert served.uns["atlas"]["n_no_data"] == offline_result.uns["atlas"]["n_no_data"]
 
 

@@ -17,8 +17,8 @@ TOKEN = "s3cret-token-0123456789"
 
 def _pipeline(atlas):
     from atlas.mapping.embedding import local_embed
-    from atlas.mapping.search import LocalSearcher
-    from atlas.service.pipeline import MappingPipeline, describe_shard, root_info
+    from atlas.mapping.search import LocalSearcher, describe_shard
+    from atlas.service.pipeline import MappingPipeline, root_info
 
     root = root_info([describe_shard(atlas.shard(n)) for n in atlas.layout.root.shards])
     return MappingPipeline(atlas, root), local_embed(atlas.model(), atlas.manifest), LocalSearcher(atlas)
