@@ -17,7 +17,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 import tiledbsoma
 
-from atlas.data.batches import normalize_log1p, tfidf_log1p, top_k_per_row
+from atlas.data.normalize import normalize_log1p, tfidf_log1p, top_k_per_row
 from atlas.data.plan import LABELS, ReadBlock, ReadPlan
 from atlas.names import csr_columns
 

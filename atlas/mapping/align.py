@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from atlas.data.normalize import normalize_log1p, tfidf_log1p
 from atlas.errors import MappingError  # noqa: F401 (defined there, raised and imported from here)
 
 #: How many unknown query feature names a report lists (the count is always complete).
@@ -179,10 +180,6 @@ def normalize_aligned(csr: sp.csr_matrix, atlas: Any, modality: str) -> sp.csr_m
     as the reference's was over its stored features. ``tfidf``: TF-IDF with the reference's idf
     stored in the artifact (a query never refits it: its cells would be scaled differently).
     """
-    # Imported here: the SDK imports this module to read queries, and atlas.data.batches brings
-    # torch (~1 s) that only normalisation needs.
-    from atlas.data.batches import normalize_log1p, tfidf_log1p
-
     method = normalization_of(atlas, modality)
     out = sp.csr_matrix(csr, dtype=np.float32, copy=True)
     if method == "log1p":
