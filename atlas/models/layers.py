@@ -173,10 +173,32 @@ class MaskedAttentionPool(nn.Module):
     padding never changes the output. A cell with no features pools to the zero vector.
     """
 
+    #: Score entries at inference on the CPU from a per-feature table (see :meth:`_score_table`).
+    score_table: bool = True
+
     def __init__(self, dim: int):
         super().__init__()
         self.proj = nn.Linear(dim, dim)
         self.context = nn.Parameter(torch.randn(dim) / dim**0.5)
+        self._table: tuple[tuple, torch.Tensor] | None = None
+
+    def _score_table(self, table: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
+        """``[G, SCORE_KNOTS]``: each feature's score ``u · tanh(s · p_g + b)`` at evenly spaced
+        scales ``s`` in ``±SCORE_RANGE``, built once per set of weights (cached until any of them
+        changes). A score is then a linear interpolation between two knots instead of ``D`` tanh
+        evaluations: on CPU the tanh over [entries x D] was ~half of a teacher's inference time.
+        The error is ~(spacing² / 8) · |score''|: the demo atlas's embeddings move by < 2e-5 (tests)."""
+        key = tuple((t.data_ptr(), t._version) for t in (table, self.proj.weight, self.proj.bias, self.context))
+        if self._table is not None and self._table[0] == key:
+            return self._table[1]
+        knots = torch.linspace(-SCORE_RANGE, SCORE_RANGE, SCORE_KNOTS)
+        out = torch.empty(projected.shape[0], SCORE_KNOTS)
+        step = max(1, (1 << 23) // (SCORE_KNOTS * projected.shape[1]))  # ~32 MB of pre-activations
+        for lo in range(0, projected.shape[0], step):
+            pre = self.proj.bias + knots[None, :, None] * projected[lo:lo + step, None, :]
+            out[lo:lo + step] = torch.tanh(pre) @ self.context
+        self._table = (key, out)
+        return out
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``h`` [B, L, D], ``mask`` [B, L] bool → (pooled [B, D], weights [B, L])."""
@@ -216,10 +238,17 @@ class MaskedAttentionPool(nn.Module):
         projected = table @ self.proj.weight.T.to(table.dtype)  # [G, D]; bf16 under CUDA autocast
         bias, context = self.proj.bias.to(projected.dtype), self.context.to(projected.dtype)
         scale = scale.to(projected.dtype)
-        scores = torch.empty(ids.shape[0], dtype=torch.float32, device=ids.device)
-        step = chunk or max(int(ids.shape[0]), 1)
-        for lo in range(0, ids.shape[0], step):
-            part = slice(lo, lo + step)
+        lut = self._score_table(table, projected) if self.score_table and not torch.is_grad_enabled() \
+            and ids.device.type == "cpu" and projected.dtype == torch.float32 else None
+        if lut is not None:
+            scores, exact = _table_scores(lut, ids, scale)
+        else:
+            scores = torch.empty(ids.shape[0], dtype=torch.float32, device=ids.device)
+            exact = None
+        todo = torch.arange(ids.shape[0], device=ids.device) if exact is None else exact.nonzero().squeeze(1)
+        step = chunk or max(int(todo.shape[0]), 1)
+        for lo in range(0, todo.shape[0], step):
+            part = todo[lo:lo + step]
             pre = torch.addcmul(bias, scale[part, None], projected[ids[part]])
             scores[part] = (torch.tanh(pre) @ context).float()
         weights = _softmax_per_row(scores, row, n_rows)
@@ -228,6 +257,22 @@ class MaskedAttentionPool(nn.Module):
         pooled = F.embedding_bag(ids, table, offsets, mode="sum",
                                  per_sample_weights=(weights * scale.float()).to(table.dtype))
         return pooled, weights
+
+
+#: Scales covered by the score table, and its knots (spacing 32/255 ≈ 0.125).
+SCORE_RANGE = 16.0
+SCORE_KNOTS = 256
+
+
+def _table_scores(lut: torch.Tensor, ids: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores interpolated from the table, and which entries lie outside it (to score exactly)."""
+    position = (scale.float() + SCORE_RANGE) * ((SCORE_KNOTS - 1) / (2 * SCORE_RANGE))
+    outside = (position < 0) | (position > SCORE_KNOTS - 1)
+    low = position.floor().clamp(0, SCORE_KNOTS - 2)
+    frac = (position - low).clamp(0, 1)
+    flat = lut.reshape(-1)
+    at = ids.long() * SCORE_KNOTS + low.long()
+    return torch.lerp(flat[at], flat[at + 1], frac), outside
 
 
 def _softmax_per_row(scores: torch.Tensor, row: torch.Tensor, n_rows: int) -> torch.Tensor:

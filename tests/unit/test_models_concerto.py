@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,15 @@ import torch.nn.functional as F
 from atlas.data.batches import csr_to_batch
 from atlas.models import ConcertoConfig, build_model, config_from_dict, config_to_dict, nt_xent
 from atlas.models.concerto import ConcertoStudent
+
+
+@pytest.fixture(autouse=True)
+def exact_scores(monkeypatch):
+    """These tests check formulas against the training path: inference scores exactly here
+    (the score table's interpolation is tested on its own in test_models_layers)."""
+    from atlas.models.layers import MaskedAttentionPool
+
+    monkeypatch.setattr(MaskedAttentionPool, "score_table", False)
 
 torch.set_num_threads(1)
 

@@ -153,3 +153,39 @@ def test_vq_initialises_codebook_from_data_and_reports_perplexity():
     assert bool(vq.initialized)
     assert float(torch.cdist(vq.embedding, z).min(1).values.max()) < 1.0
     assert 1.0 < float(out["perplexity"]) <= 16.0 and 0 < float(out["usage"]) <= 1
+
+
+def test_score_table_matches_exact_scores_and_falls_back_outside_its_range():
+    """Inference on the CPU interpolates each entry's attention score from a per-feature table;
+    the pooled vectors and weights stay within interpolation error of the exact path, entries whose
+    scale lies outside the table are scored exactly, and changed weights rebuild the table."""
+    from atlas.models.layers import SCORE_RANGE, MaskedAttentionPool
+
+    torch.manual_seed(0)
+    pool = MaskedAttentionPool(16)
+    table = torch.randn(50, 16) * 0.3
+    ids = torch.randint(0, 50, (400,))
+    row = torch.sort(torch.randint(0, 30, (400,))).values
+    scale = torch.randn(400) * 3
+
+    def run(use_table: bool, s: torch.Tensor = scale):
+        pool.score_table = use_table
+        with torch.no_grad():
+            return pool.pool_scaled_rows(table, ids, s, row, 30, chunk=64)
+
+    (exact_pooled, exact_w), (pooled, w) = run(False), run(True)
+    torch.testing.assert_close(pooled, exact_pooled, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(w, exact_w, atol=1e-4, rtol=1e-3)
+    assert not torch.equal(w, exact_w)  # the table was used
+    outside = torch.where(scale > 0, SCORE_RANGE + 1 + scale, -SCORE_RANGE - 1 + scale)
+    (exact_outside, ew), (table_outside, tw) = run(False, outside), run(True, outside)
+    torch.testing.assert_close(tw, ew, atol=1e-7, rtol=1e-6)  # every entry scored exactly
+    torch.testing.assert_close(table_outside, exact_outside, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        pool.context.mul_(-2.0)  # an in-place update (an optimiser step, load_state_dict)
+    (exact_pooled, exact_w), (pooled, w) = run(False), run(True)
+    torch.testing.assert_close(w, exact_w, atol=2e-4, rtol=2e-3)
+    pool.score_table = True
+    with torch.enable_grad():  # training scores exactly, with gradients
+        _, tw = pool.pool_scaled_rows(table, ids, scale, row, 30, chunk=64)
+    torch.testing.assert_close(tw.detach(), exact_w, atol=1e-7, rtol=1e-6)

@@ -2,6 +2,7 @@
 normalisation of Concerto's teacher: the pieces of the ADTnorm multi-worker fix."""
 
 import numpy as np
+import pytest
 import scipy.sparse as sp
 import torch
 
@@ -9,6 +10,15 @@ from atlas.data.batches import csr_to_batch
 from atlas.models.concerto import ConcertoConfig
 from atlas.models.config import build_model
 from atlas.models.recalibrate import DomainStatistics
+
+
+@pytest.fixture(autouse=True)
+def exact_scores(monkeypatch):
+    """These tests check formulas against the training path: inference scores exactly here
+    (the score table's interpolation is tested on its own in test_models_layers)."""
+    from atlas.models.layers import MaskedAttentionPool
+
+    monkeypatch.setattr(MaskedAttentionPool, "score_table", False)
 
 
 def _model_and_batch(n=40, domains=3, seed=0):
