@@ -267,7 +267,8 @@ SCORE_KNOTS = 256
 def _table_scores(lut: torch.Tensor, ids: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores interpolated from the table, and which entries lie outside it (to score exactly)."""
     position = (scale.float() + SCORE_RANGE) * ((SCORE_KNOTS - 1) / (2 * SCORE_RANGE))
-    outside = (position < 0) | (position > SCORE_KNOTS - 1)
+    outside = ~((position >= 0) & (position <= SCORE_KNOTS - 1))  # NaN and inf included
+    position = torch.where(outside, torch.zeros_like(position), position)  # a valid index; scored exactly
     low = position.floor().clamp(0, SCORE_KNOTS - 2)
     frac = (position - low).clamp(0, 1)
     flat = lut.reshape(-1)

@@ -181,6 +181,10 @@ def test_score_table_matches_exact_scores_and_falls_back_outside_its_range():
     (exact_outside, ew), (table_outside, tw) = run(False, outside), run(True, outside)
     torch.testing.assert_close(tw, ew, atol=1e-7, rtol=1e-6)  # every entry scored exactly
     torch.testing.assert_close(table_outside, exact_outside, atol=1e-6, rtol=1e-5)
+    odd = scale.clone()
+    odd[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    (_, ew), (_, tw) = run(False, odd), run(True, odd)  # not an index error: scored exactly, as before
+    torch.testing.assert_close(tw, ew, atol=1e-4, rtol=1e-3, equal_nan=True)
     with torch.no_grad():
         pool.context.mul_(-2.0)  # an in-place update (an optimiser step, load_state_dict)
     (exact_pooled, exact_w), (pooled, w) = run(False), run(True)
