@@ -59,7 +59,11 @@ class Encoder:
             k = min(16, len(self.atlas.vocabulary[m]))
             cell[m] = sp.csr_matrix((np.ones(k, np.float32), (np.zeros(k, int), np.arange(k))),
                                     shape=(1, len(self.atlas.vocabulary[m])))
-        embed_prepared(cell, self.model, max_features=self.max_features, batch_size=1, device=self.device)
+        try:
+            embed_prepared(cell, self.model, max_features=self.max_features, batch_size=1, device=self.device)
+        except Exception:  # noqa: BLE001 - a warm-up must not keep the replica from starting
+            log.warning("warm-up forward pass of the encoder failed; the first request will pay for it",
+                        exc_info=True)
 
     def ready(self) -> str:
         """The device it embeds on (a cheap call: the ingress warms its handle with it)."""
