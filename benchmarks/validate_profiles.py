@@ -25,25 +25,19 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-
-
 def loo_neighbours(space: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Cosine similarities and rows of each cell's ``k`` nearest other cells."""
     import faiss
 
-    x = np.ascontiguousarray(_unit(space))
+    from atlas.index.faiss_index import normalize
+
+    x = normalize(space)
     index = faiss.IndexFlatIP(x.shape[1])
     index.add(x)
     sims, rows = index.search(x, k + 1)
     own = rows == np.arange(len(x))[:, None]
     order = np.argsort(own, axis=1, kind="stable")[:, :k]  # the cell itself last, then cut
     return np.take_along_axis(sims, order, 1), np.take_along_axis(rows, order, 1)
-
-
-def feature_r(pred: np.ndarray, measured: np.ndarray) -> np.ndarray:
-    return np.array([np.corrcoef(pred[:, j], measured[:, j])[0, 1] for j in range(measured.shape[1])])
 
 
 def main() -> None:
@@ -54,11 +48,15 @@ def main() -> None:
     args = parser.parse_args()
 
     import faiss
+    import pandas as pd
     import scipy.sparse as sp
     from sklearn.decomposition import PCA
 
     from atlas.artifact import load_atlas
     from atlas.data.reader import read_csr
+    from atlas.evaluate.baselines import _log_normalised
+    from atlas.evaluate.metrics import feature_pearson
+    from atlas.index.faiss_index import normalize
 
     atlas = load_atlas(args.artifact)
     coarse = atlas.shard(atlas.layout.root.shards[0])
@@ -69,15 +67,12 @@ def main() -> None:
     measured = np.asarray(profile.toarray() if sp.issparse(profile) else profile, np.float32)
     keep = ~np.isnan(measured).all(axis=1)
     counts = read_csr(atlas.manifest["store"]["uri"], "RNA", coarse.soma_joinid.astype(np.int64))
-    totals = np.asarray(counts.sum(axis=1)).ravel()
-    lognorm = sp.diags(1e4 / np.maximum(totals, 1)) @ counts
-    lognorm.data = np.log1p(lognorm.data)
-    pcs = PCA(50, random_state=0).fit_transform(lognorm.toarray()).astype(np.float32)
+    pcs = PCA(50, random_state=0).fit_transform(_log_normalised(counts).toarray()).astype(np.float32)
     half = embedding.shape[1] // 2
     spaces = {"atlas embedding": embedding, "teacher half": embedding[:, :half],
               "student half": embedding[:, half:], "PCA of RNA (the peer's)": pcs}
     for w in (0.5, 1.0, 2.0):
-        spaces[f"atlas embedding + {w:g} x PCA"] = np.hstack([_unit(embedding), w * _unit(pcs)])
+        spaces[f"atlas embedding + {w:g} x PCA"] = np.hstack([normalize(embedding), w * normalize(pcs)])
 
     rows, results = [], {}
     for name, space in spaces.items():
@@ -87,9 +82,9 @@ def main() -> None:
             for weighting in ("uniform", "softmax t=0.05"):
                 w = np.ones_like(sims) if weighting == "uniform" else np.exp((sims - sims[:, :1]) / 0.05)
                 pred = (w[:, :, None] * measured[pos]).sum(1) / w.sum(1, keepdims=True)
-                r = feature_r(pred[keep], measured[keep])
-                results[f"{name} | k {k} | {weighting}"] = {"mean": float(np.nanmean(r)), "median": float(np.nanmedian(r))}
-                rows.append(f"| {name} | {k} | {weighting} | {np.nanmean(r):.4f} | {np.nanmedian(r):.4f} |")
+                r = feature_pearson(pd.DataFrame(pred[keep]), pd.DataFrame(measured[keep]))
+                results[f"{name} | k {k} | {weighting}"] = {"mean": r.mean, "median": r.median}
+                rows.append(f"| {name} | {k} | {weighting} | {r.mean:.4f} | {r.median:.4f} |")
     table = "\n".join([f"Leave-one-out over {int(keep.sum()):,} reference cells of {args.artifact} "
                        f"({args.modality}, {measured.shape[1]} features):", "",
                        "| neighbour space | k | weighting | r mean | r median |", "| --- | ---: | --- | ---: | ---: |",
