@@ -369,6 +369,18 @@ class Atlas:
             _verify_subset(self.path, self.manifest, [rel])
         return np.load(self.path / rel)
 
+    def profile_space(self) -> Any:
+        """The neighbour space profiles are predicted in (:class:`atlas.index.profile_space.ProfileSpace`),
+        or None: an atlas built without one predicts them from the embedding's neighbours."""
+        from atlas.index.profile_space import read_profile_space
+
+        if "profile_space" not in self._cache:  # read (and verified) once
+            entry = (self.manifest.get("mapping") or {}).get("profile_space") or {}
+            if self._lazy and entry.get("file"):
+                _verify_subset(self.path, self.manifest, [entry["file"]])
+            self._cache["profile_space"] = read_profile_space(self.path, entry)
+        return self._cache["profile_space"]
+
     def heads(self) -> Any:
         """The model's label heads (:class:`atlas.mapping.heads.Heads`), or None."""
         from atlas.mapping.heads import read_heads

@@ -12,7 +12,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from atlas.data.dataset import build_plan, make_dataset, vocabulary_sizes
 from atlas.data.plan import ReadPlan
 from atlas.data.reader import open_experiment
 from atlas.embed import embed_dataset, iter_embeddings, recalibrate
+from atlas.index.profile_space import FIT_CELLS, ProfileSpace
 from atlas.index.shards import build_hierarchy
 from atlas.mapping.heads import read_heads, write_heads
 from atlas.models.concerto import embedding_head_weights
@@ -119,28 +120,35 @@ def _obs_columns(uri: str, joinids: np.ndarray, columns: list[str]) -> pd.DataFr
     return obs.set_index("soma_joinid").loc[joinids]
 
 
+def _normalised_blocks(build: BuildConfig, uri: str, modality: str, joinids: np.ndarray, domain_names,
+                       n_features: int) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
+    """``(rows into joinids, normalised CSR of those cells)`` per block, streamed by Ray Data."""
+    plan = build_plan(uri, dataclasses.replace(build.data, modalities=(modality,), shuffle=False, single_domain=False),
+                      joinids=joinids, domain_names=domain_names)
+    position = pd.Series(np.arange(joinids.size), index=joinids)
+    ids_column, values_column = csr_columns(modality)
+    for table in make_dataset(plan).iter_batches(batch_size=None, batch_format="pyarrow"):
+        indptr, ids = list_column_csr(table.column(ids_column))
+        _, values = list_column_csr(table.column(values_column))
+        cell_rows = position.loc[table.column("soma_joinid").to_numpy()].to_numpy()
+        yield cell_rows, sp.csr_matrix((values, ids, indptr), shape=(cell_rows.size, n_features), dtype=np.float32)
+
+
 def _profiles(build: BuildConfig, uri: str, joinids: np.ndarray, domain_names) -> dict[str, tuple[list[str], Any]]:
     """Normalised values of every profile modality for the reference cells, streamed by Ray Data."""
     out = {}
     vocab = _vocabulary(uri, tuple(build.index.profiles))
     for m in build.index.profiles:
-        plan = build_plan(uri, dataclasses.replace(build.data, modalities=(m,), shuffle=False, single_domain=False),
-                          joinids=joinids, domain_names=domain_names)
-        position = pd.Series(np.arange(joinids.size), index=joinids)
-        rows: list[np.ndarray] = []
-        cols: list[np.ndarray] = []
-        vals: list[np.ndarray] = []
-        for table in make_dataset(plan).iter_batches(batch_size=None, batch_format="pyarrow"):
-            ids_column, values_column = csr_columns(m)
-            indptr, ids = list_column_csr(table.column(ids_column))
-            _, values = list_column_csr(table.column(values_column))
-            cell_rows = position.loc[table.column("soma_joinid").to_numpy()].to_numpy()
-            rows.append(np.repeat(cell_rows, np.diff(indptr)))
-            cols.append(ids)
-            vals.append(values)
         n_features = len(vocab[m])
-        matrix = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                               shape=(joinids.size, n_features), dtype=np.float32)
+        rows, blocks = [], []
+        for cell_rows, block in _normalised_blocks(build, uri, m, joinids, domain_names, n_features):
+            rows.append(cell_rows)
+            blocks.append(block)
+        order = np.argsort(np.concatenate(rows)) if rows else np.zeros(0, np.int64)
+        matrix = (sp.vstack(blocks, format="csr")[order] if blocks
+                  else sp.csr_matrix((joinids.size, n_features), dtype=np.float32))
+        if matrix.shape[0] != joinids.size:
+            raise RuntimeError(f"read {matrix.shape[0]} {m} rows for {joinids.size} reference cells")
         if n_features <= DENSE_PROFILE_MAX_FEATURES:
             dense = matrix.toarray()
             dense[np.diff(matrix.indptr) == 0] = np.nan  # not measured, not "all zero"
@@ -148,6 +156,23 @@ def _profiles(build: BuildConfig, uri: str, joinids: np.ndarray, domain_names) -
         else:
             out[m] = (vocab[m], matrix)
     return out
+
+
+def _profile_space(build: BuildConfig, uri: str, joinids: np.ndarray, domain_names,
+                   log: Callable[[str], None]) -> tuple[ProfileSpace, np.ndarray]:
+    """The PCA of the reference's RNA (fitted on up to ``FIT_CELLS`` cells) and every reference
+    cell's coordinates in it (rows: ``joinids``); two streamed passes, nothing cells × genes held whole."""
+    n_features = len(_vocabulary(uri, ("RNA",))["RNA"])
+    rng = np.random.default_rng(build.train.seed)
+    fit_ids = np.sort(rng.choice(joinids, FIT_CELLS, replace=False)) if joinids.size > FIT_CELLS else joinids
+    blocks = [b for _, b in _normalised_blocks(build, uri, "RNA", fit_ids, domain_names, n_features)]
+    space = ProfileSpace.fit(sp.vstack(blocks, format="csr"), "RNA", n_components=build.index.profile_space,
+                             seed=build.train.seed)
+    coords = np.zeros((joinids.size, space.components.shape[0]), np.float32)
+    for rows, block in _normalised_blocks(build, uri, "RNA", joinids, domain_names, n_features):
+        coords[rows] = space.project(block)
+    log(f"[build] profile space: PCA of RNA, {space.components.shape[0]} components fitted on {fit_ids.size:,} cells")
+    return space, coords
 
 
 def build_atlas(build: BuildConfig, *, resume: bool = False, overwrite: bool = False,
@@ -223,12 +248,16 @@ def build_atlas(build: BuildConfig, *, resume: bool = False, overwrite: bool = F
     levels = list(build.index.levels)
     obs = _obs_columns(uri, joinids, ["dataset_id", *levels])
     profiles = _profiles(build, uri, joinids, plan.domain_names) if build.index.profiles else None
+    space, profile_vectors = None, None
+    if profiles and build.index.profile_space and "RNA" in modalities:
+        space, coords = _profile_space(build, uri, joinids, plan.domain_names, log)
+        profile_vectors = space.vectors(embeddings, coords)
     with staged_output(output) as staging:
         layout = build_hierarchy(
             embeddings, joinids, {lv: obs[lv].to_numpy() for lv in levels}, levels, profiles,
             obs["dataset_id"].to_numpy(), index_kind=build.index.kind, exact_below=build.index.exact_below,
             use_gpu=use_gpu or None, n_hash_shards=build.index.hash_shards, out_dir=staging / "shards",
-            seed=build.train.seed,
+            seed=build.train.seed, profile_vectors=profile_vectors,
         )
         seconds["index"] = time.perf_counter() - t
         log(f"[build] index: {layout.mode} layout, {len(layout.shard_names())} shard(s) in {seconds['index']:.1f} s")
@@ -239,6 +268,8 @@ def build_atlas(build: BuildConfig, *, resume: bool = False, overwrite: bool = F
             model_spec["heads"] = write_heads(staging, weights, plan.label_levels, plan.label_classes)
             heads = read_heads(staging, {"model": model_spec})
         mapping = _calibrate(build, layout, staging / "shards", embeddings, joinids, obs, levels, log, heads)
+        if space is not None:
+            mapping["profile_space"] = space.save(staging)
         torch.save(model_state, staging / "model.pt")
         seconds["total"] = time.perf_counter() - t0
         store_record = {"uri": str(Path(uri).resolve()) if "://" not in uri else uri,

@@ -23,6 +23,7 @@ def build_tiny_atlas(source: Path, art: Path):
 
     from atlas.artifact import load_atlas, write_manifest
     from atlas.data.batches import csr_to_batch, normalize_log1p
+    from atlas.index.profile_space import ProfileSpace
     from atlas.index.shards import build_hierarchy
     from atlas.mapping.calibrate import calibrate_thresholds
     from atlas.mapping.heads import read_heads, write_heads
@@ -59,15 +60,20 @@ def build_tiny_atlas(source: Path, art: Path):
     model.eval()
     with torch.no_grad():
         emb = model.embed(batch).numpy()
+    # As a build with profiles does: a PCA of the normalised RNA, and the coarse shard's second index.
+    rna_norm = rna.copy()
+    rna_norm.data = normalize_log1p(rna_norm.indptr, rna_norm.data)
+    space = ProfileSpace.fit(rna_norm, "RNA", n_components=20)
     layout = build_hierarchy(
         emb, np.arange(800), labels, LEVELS,
         {"protein": (list(protein.columns), prot_norm.toarray())}, np.full(800, "pbmc10k"),
-        use_gpu=False, out_dir=art / "shards",
+        use_gpu=False, out_dir=art / "shards", profile_vectors=space.vectors(emb, space.project(rna_norm)),
     )
     heads_entry = write_heads(art, embedding_head_weights(config, model.state_dict(), len(LEVELS)), LEVELS, classes)
     mapping = calibrate_thresholds(emb, np.arange(800), labels, LocalSearcher(ShardFolder(art / "shards")),
                                    layout, LEVELS, max_cells=400, heads=read_heads(art, {"model": {"heads": heads_entry}}),
                                    vote_balance=0.5, relative_similarity=False)  # as the build, for this embedding
+    mapping["profile_space"] = space.save(art)
     torch.save(model.state_dict(), art / "model.pt")
     write_manifest(
         art, build_config={"data": {"normalization": {}}},

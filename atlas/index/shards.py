@@ -8,6 +8,8 @@ may predict (missing-modality prediction = mean over the k nearest reference cel
 On disk a shard is a folder::
 
     index.faiss                 the faiss index (CPU form; search parameters inside)
+    profile_index.faiss         root shards of an atlas with a profile space only: the index over
+                                the cells' profile-space vectors (see atlas.index.profile_space)
     cells.parquet               soma_joinid (int64), dataset_id (str), one str column per level
     profiles/<modality>.npz     features (str [f]) + values (float32 [n, f]) or CSR arrays
     shard.json                  name, counts, index kind, dims, levels, profile formats
@@ -37,6 +39,7 @@ from atlas.index.faiss_index import IndexKind, build_index, load_index, save_ind
 from atlas.index.faiss_index import index_kind as kind_of_index
 
 SHARD_FORMAT = 1
+PROFILE_INDEX_FILE = "profile_index.faiss"
 #: Column names that cannot be label levels (they are the per-cell metadata columns).
 RESERVED_COLUMNS = ("soma_joinid", "dataset_id")
 
@@ -63,11 +66,16 @@ class Shard:
     """The label level this shard votes on (None: a flat/hash shard answers every level)."""
     group: tuple[str, ...] = ()
     """Label values of the path that leads here (``("B cell",)`` for a level-2 shard)."""
+    profile_index: Any = None
+    """The index over the same cells' profile-space vectors (root shards of an atlas that has a
+    :class:`~atlas.index.profile_space.ProfileSpace`; None elsewhere)."""
 
     def __post_init__(self) -> None:
         n = len(self.soma_joinid)
         if self.index.ntotal != n:
             raise ValueError(f"shard {self.name}: index has {self.index.ntotal} vectors, {n} joinids")
+        if self.profile_index is not None and self.profile_index.ntotal != n:
+            raise ValueError(f"shard {self.name}: profile index has {self.profile_index.ntotal} vectors, {n} joinids")
         if len(self.dataset_id) != n:
             raise ValueError(f"shard {self.name}: {len(self.dataset_id)} dataset ids for {n} cells")
         for level, values in self.labels.items():
@@ -102,6 +110,8 @@ def write_shard(directory: str | Path, shard: Shard) -> Path:
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     save_index(shard.index, out / "index.faiss")
+    if shard.profile_index is not None:
+        save_index(shard.profile_index, out / PROFILE_INDEX_FILE)
 
     columns = {
         "soma_joinid": pa.array(np.asarray(shard.soma_joinid, dtype=np.int64)),
@@ -126,6 +136,7 @@ def write_shard(directory: str | Path, shard: Shard) -> Path:
         "group": list(shard.group),
         "levels": list(shard.labels),
         "profiles": profile_info,
+        "profile_index": PROFILE_INDEX_FILE if shard.profile_index is not None else None,
     }
     (out / "shard.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
@@ -178,6 +189,7 @@ def load_shard(directory: str | Path, *, use_gpu: bool | None = False,
         profiles=profiles,
         level=meta.get("level"),
         group=tuple(meta.get("group", ())),
+        profile_index=load_index(folder / meta["profile_index"], use_gpu=use_gpu) if meta.get("profile_index") else None,
     )
 
 
@@ -186,7 +198,7 @@ def load_shard(directory: str | Path, *, use_gpu: bool | None = False,
 # ---------------------------------------------------------------------------------------------
 
 LAYOUT_FILE = "layout.json"
-_SHARD_ENTRIES = {"index.faiss", "cells.parquet", "profiles", "shard.json", LAYOUT_FILE}
+_SHARD_ENTRIES = {"index.faiss", PROFILE_INDEX_FILE, "cells.parquet", "profiles", "shard.json", LAYOUT_FILE}
 
 
 @dataclass(frozen=True)
@@ -330,6 +342,7 @@ def build_hierarchy(
     n_hash_shards: int = 4,
     out_dir: str | Path | None = None,
     seed: int = 0,
+    profile_vectors: np.ndarray | None = None,
 ) -> ShardLayout:
     """Cut the reference into shards and build their indexes.
 
@@ -346,6 +359,8 @@ def build_hierarchy(
     every ``labels`` array, ``dataset_ids`` and every profile matrix are the same cells.
     With ``out_dir`` the shards and ``layout.json`` are written there and not kept in memory
     (the layout's ``shards`` stays empty); otherwise they are returned in ``layout.shards``.
+    ``profile_vectors`` (rows: the same cells): the root node's shards (``coarse``, or every hash
+    shard), where profiles are predicted from, also index these (their ``profile_index``).
     """
     n = embeddings.shape[0]
     joinids = np.asarray(joinids, dtype=np.int64)
@@ -368,18 +383,26 @@ def build_hierarchy(
     if max_shard_cells is not None and max_shard_cells < 1:
         raise ValueError("max_shard_cells must be ≥ 1")
 
-    def make(name: str, rows: np.ndarray, keep: list[str], level: str | None, group: tuple[str, ...]) -> Shard:
+    if profile_vectors is not None and profile_vectors.shape[0] != n:
+        raise ValueError(f"profile_vectors has {profile_vectors.shape[0]} rows for {n} embeddings")
+
+    def index_of(vectors: np.ndarray) -> Any:
+        # build_index checks the kind at run time (ValueError for an unknown one)
+        return build_index(vectors, kind=cast(IndexKind, index_kind), exact_below=exact_below, use_gpu=use_gpu,
+                           seed=seed)
+
+    def make(name: str, rows: np.ndarray, keep: list[str], level: str | None, group: tuple[str, ...],
+             root: bool) -> Shard:
         return Shard(
             name=name,
-            # build_index checks the kind at run time (ValueError for an unknown one)
-            index=build_index(embeddings[rows], kind=cast(IndexKind, index_kind), exact_below=exact_below,
-                              use_gpu=use_gpu, seed=seed),
+            index=index_of(embeddings[rows]),
             soma_joinid=joinids[rows],
             labels={lv: clean[lv][rows] for lv in keep},
             dataset_id=dataset_ids[rows],
             profiles={m: (f, v[rows]) for m, (f, v) in profiles.items()},
             level=level,
             group=group,
+            profile_index=index_of(profile_vectors[rows]) if root and profile_vectors is not None else None,
         )
 
     built: dict[str, Shard] = {}
@@ -396,7 +419,7 @@ def build_hierarchy(
             prefix = part_prefix or f"{name}/part-"
             pieces = {f"{prefix}{i}": rows[bucket == i] for i in range(parts)}
         for shard_name, piece in pieces.items():
-            shard = make(shard_name, piece, keep, level, group)
+            shard = make(shard_name, piece, keep, level, group, parent is None)
             if out_dir is None:
                 built[shard_name] = shard
             else:

@@ -143,18 +143,43 @@ def resolve_thresholds(thresholds: Any, manifest: Mapping[str, Any], levels: Seq
     return None if thresholds is None else float(thresholds)
 
 
-def predict_profiles(coarse: Hits, searcher: Searcher, modalities: Sequence[str]) -> dict[str, pd.DataFrame]:
-    """Per modality: the mean normalised profile of each query's measured coarse neighbours
-    (NaN row: none of them measured it), pooled exactly over the shards the hits lie in."""
+def profile_neighbours(atlas: Any, emb: np.ndarray, aligned: Mapping[str, sp.csr_matrix],
+                       reports: Mapping[str, Any], coarse: Hits, searcher: Searcher, k: int
+                       ) -> tuple[Hits, np.ndarray | None, str]:
+    """The reference cells each query's profiles are pooled over: ``(hits, weights, how)``.
+
+    With the atlas's profile space (:mod:`atlas.index.profile_space`) and a query that has at least
+    ``MIN_GENE_FRACTION`` of its genes: the ``k`` nearest cells in that space, softmax-weighted
+    (``how = "embedding+pca"``). Otherwise the coarse neighbours in the embedding, equal weights."""
+    from atlas.index.profile_space import MIN_GENE_FRACTION
+
+    space = atlas.profile_space() if hasattr(atlas, "profile_space") else None
+    if space is None:
+        return coarse, None, "embedding"
+    report = reports.get(space.modality)
+    if report is None or report["fraction"] < MIN_GENE_FRACTION:
+        have = 0.0 if report is None else report["fraction"]
+        return coarse, None, (f"embedding (the query has {have:.0%} of the {space.modality} features the "
+                              f"profile space needs, < {MIN_GENE_FRACTION:.0%})")
+    vectors = space.vectors(emb, space.project(aligned[space.modality]))
+    hits = searcher.search(list(atlas.layout.root.shards), vectors, k, space="profiles")
+    return hits, space.neighbour_weights(hits.similarity), "embedding+pca"
+
+
+def predict_profiles(coarse: Hits, searcher: Searcher, modalities: Sequence[str],
+                     weights: np.ndarray | None = None) -> dict[str, pd.DataFrame]:
+    """Per modality: the mean normalised profile of each query's measured neighbours in ``coarse``
+    (weighted by ``weights`` [m, k] when given; NaN row: none of them measured it), pooled exactly
+    over the shards the hits lie in."""
     n = coarse.position.shape[0]
     out = {}
     names = coarse.shard_names
     if not names:
         raise ValueError("predict_profiles: the coarse hits name no shard to pool profiles over")
     for m in modalities:
-        features, sums, counts = searcher.profile_sums(names[0], m, coarse.positions_in(names[0]))
+        features, sums, counts = searcher.profile_sums(names[0], m, coarse.positions_in(names[0]), weights)
         for name in names[1:]:
-            _, s, c = searcher.profile_sums(name, m, coarse.positions_in(name))
+            _, s, c = searcher.profile_sums(name, m, coarse.positions_in(name), weights)
             sums, counts = sums + s, counts + c
         values = np.full((n, len(features)), np.nan, np.float32)
         has = counts > 0
@@ -296,7 +321,10 @@ def run_mapping(
                                        k_fine=params.k_fine, thresholds=thresholds, heads=heads, typical=typical,
                                        balance=balance, probabilities=head_probabilities)
     with clock("profiles"):
-        profiles = predict_profiles(coarse, searcher, knn_targets)
+        profile_hits, profile_weights, pooled_over = (
+            profile_neighbours(atlas, emb, aligned, reports, coarse, searcher, params.k_coarse)
+            if knn_targets else (coarse, None, None))
+        profiles = predict_profiles(profile_hits, searcher, knn_targets, profile_weights)
     with clock("assemble"):
         decoded_frames = {m: pd.DataFrame(v, columns=atlas.vocabulary[m]) for m, v in decoded.items()}
         class_probabilities = {} if heads is None else {
@@ -308,7 +336,8 @@ def run_mapping(
         uns = {"atlas": {**mapping_uns(atlas.manifest, reports, levels, params, thresholds, int((~has_data).sum())),
                          "query_domains": domain_report,
                          "confidence": confidence_rule(levels, heads, typical),
-                         "vote_balance": (atlas.manifest.get("mapping") or {}).get("vote_balance", {}).get("power", 0.0)}}
+                         "vote_balance": (atlas.manifest.get("mapping") or {}).get("vote_balance", {}).get("power", 0.0),
+                         "profile_neighbours": pooled_over}}
         out = assemble(adata.obs_names if obs_names is None else obs_names, emb, labels, profiles, decoded_frames,
                        coarse if params.return_neighbors else None, uns, class_probabilities)
     return out

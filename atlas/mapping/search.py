@@ -9,8 +9,11 @@ A *searcher* answers two questions for the mapper (:class:`LocalSearcher` reads 
 :class:`~atlas.artifact.Atlas`; ``serve/`` implements the same two methods with deployment
 handles):
 
-* ``search(shard_names, queries, k, exclude=None) -> Hits``
-* ``profile_sums(shard_name, modality, positions) -> (features, sums [m, f], counts [m])``
+* ``search(shard_names, queries, k, exclude=None, space="embedding") -> Hits``
+* ``profile_sums(shard_name, modality, positions, weights=None) -> (features, sums [m, f], counts [m])``
+
+``space="profiles"`` searches the root shards' second index, over profile-space vectors
+(:mod:`atlas.index.profile_space`), instead of the embedding's.
 """
 
 from __future__ import annotations
@@ -69,15 +72,25 @@ def _take(values: np.ndarray, pos: np.ndarray, fill: Any) -> np.ndarray:
     return np.where(pos >= 0, out, fill)
 
 
-def search_shard(shard: Any, queries: np.ndarray, k: int, *, exclude: np.ndarray | None = None) -> Hits:
+def search_shard(shard: Any, queries: np.ndarray, k: int, *, exclude: np.ndarray | None = None,
+                 space: str = "embedding") -> Hits:
     """The ``k`` nearest cells of ``shard`` for each query, with their labels and ids.
 
     ``exclude`` (int64 [m]) drops, per query, the reference cell with that ``soma_joinid`` —
     leave-one-out search of reference cells against their own index (build-time calibration).
+    ``space``: ``"embedding"`` (the shard's index) or ``"profiles"`` (its profile index).
     """
+    if space == "embedding":
+        index = shard.index
+    elif space == "profiles":
+        index = getattr(shard, "profile_index", None)
+        if index is None:
+            raise KeyError(f"shard {shard.name} has no profile index (the atlas has no profile space)")
+    else:
+        raise ValueError(f"unknown search space {space!r}; expected 'embedding' or 'profiles'")
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     extra = 1 if exclude is not None else 0
-    sims, pos = search(shard.index, queries, k + extra)
+    sims, pos = search(index, queries, k + extra)
     pos = pos.astype(np.int64)
     if exclude is not None:
         own = _take(shard.soma_joinid, pos, -1) == np.asarray(exclude, np.int64)[:, None]
@@ -119,13 +132,14 @@ def merge_hits(parts: Sequence[Hits], k: int) -> Hits:
     )
 
 
-def shard_profile_sums(shard: Any, modality: str, positions: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Per query: the sum of the measured ``modality`` rows at ``positions`` (-1 = skip) and how
-    many there were — so profiles of hits spread over several shards pool exactly."""
+def shard_profile_sums(shard: Any, modality: str, positions: np.ndarray, weights: np.ndarray | None = None
+                       ) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Per query: the (``weights``-weighted) sum of the measured ``modality`` rows at ``positions``
+    (-1 = skip) and their total weight — so profiles of hits spread over several shards pool exactly."""
     if modality not in shard.profiles:
         raise KeyError(f"shard {shard.name} stores no {modality} profiles; it has {sorted(shard.profiles)}")
     features, values = shard.profiles[modality]
-    means, counts = mean_profile(values, positions, return_counts=True)
+    means, counts = mean_profile(values, positions, return_counts=True, weights=weights)
     sums = np.nan_to_num(means).astype(np.float64) * counts[:, None]
     return list(features), sums, counts.astype(np.float64)
 
@@ -134,10 +148,10 @@ class Searcher(Protocol):
     """Where the mapper's neighbours come from (local shards or Serve shard deployments)."""
 
     def search(self, shard_names: Sequence[str], queries: np.ndarray, k: int,
-               exclude: np.ndarray | None = None) -> Hits: ...
+               exclude: np.ndarray | None = None, space: str = "embedding") -> Hits: ...
 
-    def profile_sums(self, shard_name: str, modality: str,
-                     positions: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]: ...
+    def profile_sums(self, shard_name: str, modality: str, positions: np.ndarray,
+                     weights: np.ndarray | None = None) -> tuple[list[str], np.ndarray, np.ndarray]: ...
 
 
 class ShardFolder:
@@ -166,14 +180,14 @@ class LocalSearcher:
         self.shard_kwargs = shard_kwargs
 
     def search(self, shard_names: Sequence[str], queries: np.ndarray, k: int,
-               exclude: np.ndarray | None = None) -> Hits:
-        parts = [search_shard(self.atlas.shard(name, **self.shard_kwargs), queries, k, exclude=exclude)
+               exclude: np.ndarray | None = None, space: str = "embedding") -> Hits:
+        parts = [search_shard(self.atlas.shard(name, **self.shard_kwargs), queries, k, exclude=exclude, space=space)
                  for name in shard_names]
         return merge_hits(parts, k)
 
-    def profile_sums(self, shard_name: str, modality: str,
-                     positions: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
-        return shard_profile_sums(self.atlas.shard(shard_name, **self.shard_kwargs), modality, positions)
+    def profile_sums(self, shard_name: str, modality: str, positions: np.ndarray,
+                     weights: np.ndarray | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
+        return shard_profile_sums(self.atlas.shard(shard_name, **self.shard_kwargs), modality, positions, weights)
 
 
 def describe_shard(shard: Any) -> dict[str, Any]:

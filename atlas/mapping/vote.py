@@ -77,32 +77,37 @@ def weighted_vote(
 
 
 def mean_profile(values: np.ndarray | sp.spmatrix, positions: np.ndarray, *,
-                 return_counts: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+                 return_counts: bool = False, weights: np.ndarray | None = None
+                 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Mean of the neighbours' rows of ``values`` (``[N, f]`` dense or CSR) → float32 ``[n, f]``.
 
     ``positions`` ``[n, k]`` are rows of ``values``; -1 (missing hit) is skipped, and so are dense
     rows of NaN (reference cells without a measurement of that modality). A query cell with no
-    measured neighbour gets a NaN row. ``return_counts`` also returns how many neighbours each
-    mean is over (float32 [n]).
+    measured neighbour gets a NaN row. ``weights`` ``[n, k]`` (≥ 0; default 1 each) make it a
+    weighted mean. ``return_counts`` also returns the total weight each mean is over (float32
+    [n]; with unit weights, how many neighbours).
     """
     pos = np.asarray(positions, dtype=np.int64)
     n, k = pos.shape
     n_features = values.shape[1]
     ok = pos >= 0
+    w = np.ones((n, k), np.float32) if weights is None else np.asarray(weights, np.float32)
+    if w.shape != (n, k):
+        raise ValueError(f"weights have shape {w.shape}, positions {pos.shape}")
     if sp.issparse(values):
         csr = sp.csr_matrix(values)
         rows = np.repeat(np.arange(n), k)[ok.ravel()]
-        pick = sp.csr_matrix((np.ones(rows.size, np.float32), (rows, pos.ravel()[ok.ravel()])),
+        pick = sp.csr_matrix((w.ravel()[ok.ravel()], (rows, pos.ravel()[ok.ravel()])),
                              shape=(n, csr.shape[0]))
-        counts = ok.sum(axis=1).astype(np.float32)
+        counts = np.where(ok, w, 0).sum(axis=1).astype(np.float32)
         sums = np.asarray((pick @ csr).todense(), dtype=np.float32)
     else:
         dense = np.asarray(values, dtype=np.float32)
         gathered = dense[np.where(ok, pos, 0)]  # [n, k, f]
         measured = ok & ~np.isnan(gathered).all(axis=2)
         gathered = np.where(measured[:, :, None], np.nan_to_num(gathered, nan=0.0), 0.0)
-        sums = gathered.sum(axis=1, dtype=np.float32)
-        counts = measured.sum(axis=1).astype(np.float32)
+        sums = (gathered * w[:, :, None]).sum(axis=1, dtype=np.float32)
+        counts = np.where(measured, w, 0).sum(axis=1).astype(np.float32)
     out = np.full((n, n_features), np.nan, dtype=np.float32)
     has = counts > 0
     out[has] = sums[has] / counts[has, None]

@@ -135,17 +135,19 @@ class IndexShard:
         search_shard(self.shard, np.zeros((1, self.shard.index.d), np.float32), 1)
         log.info("shard %s of atlas %s: %d cells", shard_name, self.version, self.shard.n_cells)
 
-    def search(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None) -> Any:
+    def search(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None,
+               space: str = "embedding") -> Any:
         """:func:`~atlas.mapping.search.search_shard` on this shard."""
         from atlas.mapping.search import search_shard
 
-        return search_shard(self.shard, queries, k, exclude=exclude)
+        return search_shard(self.shard, queries, k, exclude=exclude, space=space)
 
-    def profile_sums(self, modality: str, positions: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
+    def profile_sums(self, modality: str, positions: np.ndarray, weights: np.ndarray | None = None
+                     ) -> tuple[list[str], np.ndarray, np.ndarray]:
         """:func:`~atlas.mapping.search.shard_profile_sums` on this shard."""
         from atlas.mapping.search import shard_profile_sums
 
-        return shard_profile_sums(self.shard, modality, positions)
+        return shard_profile_sums(self.shard, modality, positions, weights)
 
     def describe(self) -> dict[str, Any]:
         """Levels, label values, profile features and size of this shard."""

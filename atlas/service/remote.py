@@ -122,16 +122,17 @@ class ServeSearcher:
             raise KeyError(f"no deployment serves shard {name!r}") from None
 
     def search(self, shard_names: Sequence[str], queries: np.ndarray, k: int,
-               exclude: np.ndarray | None = None) -> Hits:
+               exclude: np.ndarray | None = None, space: str = "embedding") -> Hits:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         senders = [
-            (lambda h=self._handle(name): h.search.remote(queries, k, exclude))
+            (lambda h=self._handle(name): h.search.remote(queries, k, exclude, space))
             for name in shard_names
         ]
         parts = gather(f"index shard(s) {list(shard_names)}", senders, self.policy)
         return merge_hits(parts, k)
 
-    def profile_sums(self, shard_name: str, modality: str,
-                     positions: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
+    def profile_sums(self, shard_name: str, modality: str, positions: np.ndarray,
+                     weights: np.ndarray | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
         handle = self._handle(shard_name)
-        return call(f"index shard {shard_name}", lambda: handle.profile_sums.remote(modality, positions), self.policy)
+        return call(f"index shard {shard_name}", lambda: handle.profile_sums.remote(modality, positions, weights),
+                    self.policy)

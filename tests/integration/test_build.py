@@ -149,6 +149,18 @@ def test_two_worker_concerto_build_produces_a_verified_artifact(pbmc, concerto_b
     expected.data = normalize_log1p(expected.indptr, expected.data)
     np.testing.assert_allclose(values[order], expected.toarray(), rtol=1e-5, atol=1e-5)
 
+    # The profile space: a PCA of the cells' normalised RNA (fitted on all 2,000, fewer than the
+    # cap), and the coarse shard's second index holds each cell's embedding beside its coordinates.
+    space = atlas_.profile_space()
+    assert manifest["mapping"]["profile_space"]["components"] == space.components.shape[0] == 50
+    rna = sp.csr_matrix(cells.X, dtype=np.float32)
+    rna.data = normalize_log1p(rna.indptr, rna.data)
+    np.testing.assert_allclose(space.mean, np.asarray(rna.mean(0)).ravel(), rtol=1e-4, atol=1e-5)
+    coords = space.project(rna)
+    in_profile_index = coarse.profile_index.reconstruct_n(0, n)[order]
+    np.testing.assert_allclose(in_profile_index, space.vectors(stored, coords), atol=1e-4)
+    assert all(atlas_.shard(s).profile_index is None for s in atlas_.shard_names() if s != "coarse")
+
 
 def test_tampered_artifact_is_refused(concerto_build, tmp_path):
     import shutil

@@ -248,6 +248,8 @@ def test_served_equals_offline(service, offline, content_type):
         assert l2 == "unknown" or parent[l2] == l1
     assert not served.obs["cell_type_l1_unknown"].all()
     assert list(served.obsm["protein_pred"].columns) == service.proteins
+    # The shard replicas searched their profile index: proteins pooled in the profile space.
+    assert served.uns["atlas"]["profile_neighbours"] == "embedding+pca"
 
 
 def test_json_request_and_accept_header(service, offline):

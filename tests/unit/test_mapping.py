@@ -113,6 +113,40 @@ def test_map_query_hierarchical(tiny_atlas):
     assert out.obsm["atlas_neighbors_soma_joinid"].shape == (query.n_obs, 25)
     assert out.uns["atlas_neighbors"]["dataset_id"].shape == (query.n_obs, 25)
     assert out.uns["atlas"]["alignment"]["RNA"]["fraction"] == 1.0
+    assert out.uns["atlas"]["profile_neighbours"] == "embedding+pca"
+
+
+@pytest.mark.real_data
+def test_profiles_come_from_the_profile_space_unless_the_query_lacks_its_genes(tiny_atlas):
+    """Proteins are pooled over the 25 nearest cells in the profile space, softmax-weighted; a
+    query without a tenth of the genes (the PCA would place it by the genes it lacks) gets the
+    embedding's neighbours, equally weighted, and is told so."""
+    from atlas.data.normalize import normalize_log1p
+    from atlas.mapping.query import predict_profiles
+    from atlas.mapping.search import LocalSearcher, search_shard
+
+    atlas, query, _ = tiny_atlas
+    cells = query[:30].copy()
+    out = map_query(cells, atlas, predict=["protein"], return_neighbors=True, thresholds=None)
+    space = atlas.profile_space()
+    coarse = atlas.shard("coarse")
+    emb = out.obsm["X_atlas"]
+    aligned = cells[:, atlas.vocabulary["RNA"]].X
+    norm = sp.csr_matrix(aligned, dtype=np.float32)
+    norm.data = normalize_log1p(norm.indptr, norm.data)
+    hits = search_shard(coarse, space.vectors(emb, space.project(norm)), 25, space="profiles")
+    expected = predict_profiles(hits, LocalSearcher(atlas), ["protein"], space.neighbour_weights(hits.similarity))
+    np.testing.assert_allclose(out.obsm["protein_pred"].to_numpy(), expected["protein"].to_numpy(), rtol=1e-5)
+    # (the tiny atlas's soma_joinids are its shard positions)
+    by_embedding = mean_profile(coarse.profiles["protein"][1], out.obsm["atlas_neighbors_soma_joinid"])
+    assert not np.allclose(out.obsm["protein_pred"].to_numpy(), by_embedding)
+
+    fewer = cells[:, cells.var_names[: int(cells.n_vars * 0.85)]].copy()
+    lacking = map_query(fewer, atlas, predict=["protein"], return_neighbors=True, thresholds=None)
+    assert lacking.uns["atlas"]["profile_neighbours"].startswith("embedding (the query has 85% of the RNA")
+    np.testing.assert_allclose(lacking.obsm["protein_pred"].to_numpy(),
+                               mean_profile(coarse.profiles["protein"][1], lacking.obsm["atlas_neighbors_soma_joinid"]),
+                               rtol=1e-5)
 
 
 @pytest.mark.real_data
@@ -150,7 +184,9 @@ def test_map_query_refuses_normalised_values_and_other_species(tiny_atlas):
 
 @pytest.mark.real_data
 def test_map_query_hash_layout_flat_vote(tiny_atlas, tmp_path):
-    """A hash-sharded atlas (no hierarchy): every level voted from neighbours merged over shards."""
+    """A hash-sharded atlas (no hierarchy): every level voted from neighbours merged over shards,
+    and proteins pooled over the profile-space neighbours of the three shards exactly as over the
+    coarse shard's."""
     import shutil
 
     from atlas.artifact import load_atlas, write_manifest
@@ -161,8 +197,9 @@ def test_map_query_hash_layout_flat_vote(tiny_atlas, tmp_path):
     emb = coarse.index.reconstruct_n(0, coarse.n_cells)
     build_hierarchy(emb, coarse.soma_joinid, coarse.labels, None,
                     {"protein": coarse.profiles["protein"]}, coarse.dataset_id,
-                    use_gpu=False, n_hash_shards=3, out_dir=tmp_path / "shards")
-    for name in ("model.pt", "heads.npz"):
+                    use_gpu=False, n_hash_shards=3, out_dir=tmp_path / "shards",
+                    profile_vectors=coarse.profile_index.reconstruct_n(0, coarse.n_cells))
+    for name in ("model.pt", "heads.npz", "profile_space.npz"):
         shutil.copy(atlas.path / name, tmp_path / name)
     m = atlas.manifest
     write_manifest(tmp_path, build_config=m["build_config"], model=m["model"], vocabulary=atlas.vocabulary,
@@ -174,6 +211,7 @@ def test_map_query_hash_layout_flat_vote(tiny_atlas, tmp_path):
     assert "cell_type_l2_pred" in flat.obs
     np.testing.assert_allclose(flat.obsm["protein_pred"].to_numpy(), tree.obsm["protein_pred"].to_numpy(), rtol=1e-5)
     assert list(flat.obsm["protein_pred"].columns) == proteins
+    assert flat.uns["atlas"]["profile_neighbours"] == tree.uns["atlas"]["profile_neighbours"] == "embedding+pca"
 
 
 @pytest.mark.real_data
