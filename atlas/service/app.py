@@ -1,7 +1,8 @@
 """Build the mapping application (``serve run serve/config.yaml``) and run it locally (``atlas serve``).
 
 ``build_app(args)`` is the Serve application builder: one index-shard deployment per shard of
-the atlas's layout, the encoder, and the ingress that composes them through handles.
+the atlas's layout (or one for all of a small atlas's shards), the encoder, and the ingress that
+composes them through handles.
 
 No ``from __future__ import annotations`` here: Ray Serve validates ``args:`` against the
 builder's parameter annotation, which must be the class itself, not a string.
@@ -44,12 +45,18 @@ def build_app(args: ServiceArgs) -> Application:
     layout = ShardLayout.read((Path(artifact) / manifest["shards"]).parent)
     names = shard_deployment_names(layout.shard_names())
 
-    shards = {
-        shard: IndexShard.options(  # type: ignore[attr-defined]  # Serve deployment class
-            name=names[shard], **args.shard_options(shard).serve_options())
-        .bind(artifact, shard, args.shard_use_gpu)
-        for shard in layout.shard_names()
-    }
+    if args.packs_shards(layout.root.n_cells):
+        packed = IndexShard.options(  # type: ignore[attr-defined]  # Serve deployment class
+            name="shards", **args.shard_options("*").serve_options()).bind(
+            artifact, layout.shard_names(), args.shard_use_gpu)
+        shards = {shard: packed for shard in layout.shard_names()}
+    else:
+        shards = {
+            shard: IndexShard.options(  # type: ignore[attr-defined]  # Serve deployment class
+                name=names[shard], **args.shard_options(shard).serve_options())
+            .bind(artifact, shard, args.shard_use_gpu)
+            for shard in layout.shard_names()
+        }
     enc = args.encoder_options()
     encoder = Encoder.options(**enc.serve_options()).bind(  # type: ignore[attr-defined]  # Serve deployment class
         artifact, enc.max_batch_size, enc.batch_wait_timeout_s, enc.batch_cells, enc.device)
@@ -80,7 +87,8 @@ def run_service(args: Union[ServiceArgs, Dict[str, Any]], *, host: str = "127.0.
             manifest = read_manifest(args.artifact)
             layout = ShardLayout.read((Path(args.artifact) / (manifest.get("shards") or "shards/layout.json")).parent) \
                 if manifest.get("shards") else None
-            cpus = local_num_cpus(args, layout.shard_names() if layout else [], os.cpu_count() or 1)
+            cpus = local_num_cpus(args, layout.shard_names() if layout else [], os.cpu_count() or 1,
+                                  packed=layout is not None and args.packs_shards(layout.root.n_cells))
             ray.init(address="local", num_cpus=cpus, include_dashboard=False, configure_logging=False,
                      log_to_driver=False)
         else:

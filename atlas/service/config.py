@@ -122,6 +122,15 @@ class ServiceArgs(BaseModel):
     encoder: EncoderOptions = Field(default_factory=_encoder_default)
     shards: dict[str, DeploymentOptions] = Field(default_factory=_shards_default)
     """Shard-name pattern → Serve options (see the module docstring)."""
+    pack_shards_below: int = Field(200_000, ge=0)
+    """An atlas of fewer reference cells serves all its shards from one deployment (``shards``,
+    with the ``"*"`` options): one replica process instead of one per shard (a 2,000-cell atlas
+    has ~8 shards; each process costs ~0.3 GB and seconds of start-up). Not when ``shards`` sets
+    options for particular shards. 0: one deployment per shard always."""
+
+    def packs_shards(self, n_cells: int) -> bool:
+        """Whether an atlas of ``n_cells`` reference cells gets one packed shard deployment."""
+        return n_cells < self.pack_shards_below and set(self.shards) <= {"*"}
 
     def ingress_options(self) -> DeploymentOptions:
         return _ingress_default().merged(self.ingress)
@@ -137,7 +146,7 @@ class ServiceArgs(BaseModel):
         matching = [o for pattern, o in self.shards.items() if fnmatch.fnmatchcase(shard_name, pattern)]
         return _shards_default()["*"].merged(*matching)
 
-    def required_cpus(self, shard_names: list[str]) -> float:
+    def required_cpus(self, shard_names: list[str], packed: bool = False) -> float:
         """Logical CPUs the fixed replicas reserve (autoscaled ones count their minimum)."""
 
         def cpus(o: DeploymentOptions) -> float:
@@ -148,8 +157,9 @@ class ServiceArgs(BaseModel):
                 n = o.num_replicas if isinstance(o.num_replicas, int) else 1
             return per * n
 
-        return cpus(self.ingress_options()) + cpus(self.encoder_options()) + sum(
-            cpus(self.shard_options(s)) for s in shard_names)
+        return cpus(self.ingress_options()) + cpus(self.encoder_options()) + (
+            cpus(self.shard_options("*")) if packed and shard_names
+            else sum(cpus(self.shard_options(s)) for s in shard_names))
 
 
 def shard_deployment_names(shard_names: list[str]) -> dict[str, str]:
@@ -167,6 +177,6 @@ def shard_deployment_names(shard_names: list[str]) -> dict[str, str]:
     return out
 
 
-def local_num_cpus(args: ServiceArgs, shard_names: list[str], cores: int) -> int:
+def local_num_cpus(args: ServiceArgs, shard_names: list[str], cores: int, packed: bool = False) -> int:
     """Logical CPUs for a local Ray running the whole service (at least the machine's cores)."""
-    return max(cores, math.ceil(args.required_cpus(shard_names)))
+    return max(cores, math.ceil(args.required_cpus(shard_names, packed)))

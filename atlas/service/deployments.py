@@ -118,43 +118,58 @@ class Encoder:
 
 @serve.deployment(name="shard")
 class IndexShard:
-    """One index shard of the atlas: answers neighbour searches and profile sums for it.
+    """Index shards of the atlas: answers neighbour searches and profile sums for them.
 
-    One deployment per shard of the layout (``coarse`` and every ``fine/...``, or every
-    ``hash/<i>``), so each replica holds one shard in memory and shards scale independently.
+    Normally one deployment per shard of the layout (``coarse`` and every ``fine/...``, or every
+    ``hash/<i>``), so each replica holds one shard in memory and shards scale independently. A
+    small atlas's shards are packed into one deployment (``ServiceArgs.pack_shards_below``): one
+    process instead of one per shard. Every method takes the shard's name (``shard``; may be
+    left out when the replica holds one shard).
     """
 
-    def __init__(self, artifact: str, shard_name: str, use_gpu: bool = False):
+    def __init__(self, artifact: str, shard_names: str | list[str], use_gpu: bool = False):
         from atlas.artifact import load_atlas
         from atlas.mapping.search import search_shard
 
         atlas = load_atlas(artifact, verify="lazy")
         self.version = atlas.version
-        self.shard = atlas.shard(shard_name, use_gpu=None if use_gpu else False)  # hashes its files first
-        # Warm up (imports, faiss) so the first real query does not pay for it.
-        search_shard(self.shard, np.zeros((1, self.shard.index.d), np.float32), 1)
-        log.info("shard %s of atlas %s: %d cells", shard_name, self.version, self.shard.n_cells)
+        names = [shard_names] if isinstance(shard_names, str) else list(shard_names)
+        # Each shard's files are hashed right before it is loaded.
+        self.shards = {n: atlas.shard(n, use_gpu=None if use_gpu else False) for n in names}
+        for shard in self.shards.values():  # warm up (imports, faiss): the first query does not pay
+            search_shard(shard, np.zeros((1, shard.index.d), np.float32), 1)
+        log.info("shard(s) %s of atlas %s: %d cells", names, self.version,
+                 sum(s.n_cells for s in self.shards.values()))
+
+    def _shard(self, name: str | None) -> Any:
+        if name is None and len(self.shards) == 1:
+            return next(iter(self.shards.values()))
+        try:
+            return self.shards[name]  # type: ignore[index]  # None: the KeyError below
+        except KeyError:
+            raise KeyError(f"this replica serves shard(s) {sorted(self.shards)}, not {name!r}") from None
 
     def search(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None,
-               space: str = "embedding") -> Any:
-        """:func:`~atlas.mapping.search.search_shard` on this shard."""
+               space: str = "embedding", shard: str | None = None) -> Any:
+        """:func:`~atlas.mapping.search.search_shard` on ``shard``."""
         from atlas.mapping.search import search_shard
 
-        return search_shard(self.shard, queries, k, exclude=exclude, space=space)
+        return search_shard(self._shard(shard), queries, k, exclude=exclude, space=space)
 
-    def profile_sums(self, modality: str, positions: np.ndarray, weights: np.ndarray | None = None
-                     ) -> tuple[list[str], np.ndarray, np.ndarray]:
-        """:func:`~atlas.mapping.search.shard_profile_sums` on this shard."""
+    def profile_sums(self, modality: str, positions: np.ndarray, weights: np.ndarray | None = None,
+                     shard: str | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """:func:`~atlas.mapping.search.shard_profile_sums` on ``shard``."""
         from atlas.mapping.search import shard_profile_sums
 
-        return shard_profile_sums(self.shard, modality, positions, weights)
+        return shard_profile_sums(self._shard(shard), modality, positions, weights)
 
-    def describe(self) -> dict[str, Any]:
-        """Levels, label values, profile features and size of this shard."""
+    def describe(self, shard: str | None = None) -> dict[str, Any]:
+        """Levels, label values, profile features and size of ``shard``."""
         from atlas.mapping.search import describe_shard
 
-        return {**describe_shard(self.shard), "atlas_version": self.version}
+        return {**describe_shard(self._shard(shard)), "atlas_version": self.version}
 
     def check_health(self) -> None:
-        if self.shard.index.ntotal != self.shard.n_cells:
-            raise RuntimeError(f"shard {self.shard.name}: index holds {self.shard.index.ntotal} of {self.shard.n_cells} cells")
+        for s in self.shards.values():
+            if s.index.ntotal != s.n_cells:
+                raise RuntimeError(f"shard {s.name}: index holds {s.index.ntotal} of {s.n_cells} cells")

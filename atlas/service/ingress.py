@@ -157,9 +157,9 @@ def install_error_handling(app: FastAPI) -> None:
         return _problem_response(request, 400, "invalid request: " + "; ".join(parts))
 
 
-def _describe(handle: Any) -> Callable[[], Any]:
+def _describe(handle: Any, shard: str) -> Callable[[], Any]:
     """A sender of a shard deployment's ``describe`` call (for :func:`~atlas.service.remote.gather`)."""
-    return lambda: handle.describe.remote()
+    return lambda: handle.describe.remote(shard)
 
 
 def make_ingress():
@@ -206,7 +206,7 @@ def make_ingress():
             try:
                 self._pipeline_sync()
                 rest = [n for n in self.shards if n not in self._layout().root.shards]
-                gather(f"index shard(s) {rest}", [_describe(self.shards[n]) for n in rest], self.policy)
+                gather(f"index shard(s) {rest}", [_describe(self.shards[n], n) for n in rest], self.policy)
                 call("the encoder", lambda: self.encoder.ready.remote(), self.policy)
             except Exception:  # noqa: BLE001 - a request will meet (and report) the same failure
                 log.warning("warm-up of the ingress failed; the first request will retry", exc_info=True)
@@ -236,7 +236,7 @@ def make_ingress():
             with self._lock:
                 if self._pipeline is None:
                     names = list(self._layout().root.shards)
-                    descriptions = gather(f"index shard(s) {names}", [_describe(self.shards[n]) for n in names],
+                    descriptions = gather(f"index shard(s) {names}", [_describe(self.shards[n], n) for n in names],
                                           self.policy)
                     self._pipeline = MappingPipeline(self.atlas, root_info(descriptions))
                 return self._pipeline

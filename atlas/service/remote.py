@@ -106,9 +106,10 @@ def gather(what: str, senders: Sequence[Callable[[], Any]], policy: RetryPolicy)
 class ServeSearcher:
     """A :class:`~atlas.mapping.search.Searcher` whose shards are Serve deployments.
 
-    ``handles``: shard name → the handle of its deployment (methods ``search`` and
+    ``handles``: shard name → the handle of the deployment serving it (several names may share
+    one packed deployment; every call names its shard). Its methods ``search`` and
     ``profile_sums`` run :func:`~atlas.mapping.search.search_shard` and
-    :func:`~atlas.mapping.search.shard_profile_sums` on the replica's shard).
+    :func:`~atlas.mapping.search.shard_profile_sums` on that shard.
     """
 
     def __init__(self, handles: Mapping[str, Any], policy: RetryPolicy):
@@ -125,7 +126,7 @@ class ServeSearcher:
                exclude: np.ndarray | None = None, space: str = "embedding") -> Hits:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         senders = [
-            (lambda h=self._handle(name): h.search.remote(queries, k, exclude, space))
+            (lambda h=self._handle(name), name=name: h.search.remote(queries, k, exclude, space, name))
             for name in shard_names
         ]
         parts = gather(f"index shard(s) {list(shard_names)}", senders, self.policy)
@@ -134,5 +135,5 @@ class ServeSearcher:
     def profile_sums(self, shard_name: str, modality: str, positions: np.ndarray,
                      weights: np.ndarray | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
         handle = self._handle(shard_name)
-        return call(f"index shard {shard_name}", lambda: handle.profile_sums.remote(modality, positions, weights),
-                    self.policy)
+        return call(f"index shard {shard_name}",
+                    lambda: handle.profile_sums.remote(modality, positions, weights, shard_name), self.policy)

@@ -68,6 +68,7 @@ def service(tiny_atlas, tmp_path_factory):
         "max_request_bytes": MAX_BYTES, "max_cells_per_request": MAX_CELLS, "retries": 4,
         "ingress": small, "encoder": {**small, "max_batch_size": 4, "batch_wait_timeout_s": 0.05},
         "shards": {"*": small},
+        "pack_shards_below": 0,  # one deployment per shard, as a large atlas gets (the tour serves packed)
     }
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

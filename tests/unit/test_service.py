@@ -108,6 +108,21 @@ def test_service_args_refuse_unknown_keys_and_starving_batches():
         ServiceArgs.model_validate({"artifact": "a", "encoder": {"max_batch_size": 16, "max_ongoing_requests": 4}})
 
 
+def test_a_small_atlas_packs_its_shards_into_one_deployment_unless_shards_are_set_apart():
+    from atlas.service.config import local_num_cpus
+
+    default = ServiceArgs.model_validate({"artifact": "a"})
+    assert default.packs_shards(2_000) and not default.packs_shards(200_000)
+    assert not ServiceArgs.model_validate({"artifact": "a", "pack_shards_below": 0}).packs_shards(10)
+    apart = ServiceArgs.model_validate({"artifact": "a", "shards": {"fine/*": {"num_replicas": 2}}})
+    assert not apart.packs_shards(10)
+    names = ["coarse", "fine/B", "fine/T", "fine/NK"]
+    # ingress 0.5 + encoder 2 + shards 0.25 each, or 0.25 once when packed
+    assert default.required_cpus(names) == pytest.approx(2.5 + 4 * 0.25)
+    assert default.required_cpus(names, packed=True) == pytest.approx(2.5 + 0.25)
+    assert local_num_cpus(default, names, 2, packed=True) == 3
+
+
 def test_shard_deployment_names_are_unique_and_slash_free():
     names = shard_deployment_names(["coarse", "fine/B", "fine/B/x", "fine/B.x", "hash/0"])
     assert names["fine/B"] == "shard-fine.B"
@@ -247,3 +262,23 @@ def test_body_limit_from_content_length_and_while_reading():
     assert "AtlasClient" in too_big.json()["detail"]
     chunked = client.post("/echo", content=iter([b"x" * 600, b"x" * 600]))  # no Content-Length
     assert chunked.status_code == 413 and "at most 1000 bytes" in chunked.json()["detail"]
+
+
+@pytest.mark.real_data
+def test_a_packed_shard_replica_answers_for_each_of_its_shards(tiny_atlas):
+    from atlas.mapping.search import describe_shard, search_shard
+    from atlas.service.deployments import IndexShard
+
+    atlas, _, _ = tiny_atlas
+    names = atlas.shard_names()
+    replica = IndexShard.func_or_class(str(atlas.path), names)  # the class Serve runs, in this process
+    queries = atlas.shard("coarse").index.reconstruct_n(0, 3)
+    for name in names[:3]:
+        got, expected = replica.search(queries, 5, shard=name), search_shard(atlas.shard(name), queries, 5)
+        np.testing.assert_array_equal(got.position, expected.position)
+        assert replica.describe(name)["name"] == describe_shard(atlas.shard(name))["name"] == name
+    with pytest.raises(KeyError, match="serves shard"):
+        replica.search(queries, 5)  # several shards: the call must name one
+    replica.check_health()
+    single = IndexShard.func_or_class(str(atlas.path), "coarse")
+    assert single.describe()["name"] == "coarse"
