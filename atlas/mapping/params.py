@@ -33,8 +33,9 @@ class MapParams(BaseModel):
     predict: list[str] | None = Field(
         None, description="Modalities to predict (default: every one the atlas can predict that the query lacks; "
                           "empty or 'none': none).")
-    predict_method: str = Field("knn", description="knn (mean of the nearest reference cells), decoder (CVQVAE "
-                                                   "atlases) or both.")
+    predict_method: str = Field("knn", description="knn (weighted mean of the k_coarse nearest reference cells "
+                                                   "in the atlas's profile space, or in its embedding), decoder "
+                                                   "(CVQVAE atlases) or both.")
     k_coarse: int = Field(25, description="Neighbours per cell in the coarse index (level 1, modality prediction).")
     k_fine: int = Field(5, description="Neighbours per cell in a fine shard (deeper levels).")
     thresholds: str | float | dict[str, float] | None = Field(

@@ -236,8 +236,11 @@ def map_query(
     ``obs[f"{level}_confidence"]`` (weighted vote share in [0, 1]) and ``obs[f"{level}_unknown"]``;
     ``obsm["X_atlas"]`` (the embedding); for each modality of ``predict`` (default: every
     modality the atlas can predict that the query lacks) ``obsm[f"{m}_pred"]``, a DataFrame with
-    the reference feature names as columns. ``predict_method``: ``"knn"`` (mean of the
-    ``k_coarse`` nearest reference cells' normalised values), ``"decoder"`` (CVQVAE atlases: the
+    the reference feature names as columns. ``predict_method``: ``"knn"`` (the mean of the
+    ``k_coarse`` nearest reference cells' normalised values: in the atlas's profile space, the
+    embedding beside a PCA of RNA, softmax-weighted by similarity, when it has one and the query
+    has ≥ 90% of its genes; else in the embedding, equally weighted; ``uns["atlas"]
+    ["profile_neighbours"]`` says which), ``"decoder"`` (CVQVAE atlases: the
     cross-modal decoder) or ``"both"`` (kNN in ``{m}_pred``, decoder in ``{m}_pred_decoder``).
     With an atlas whose model has label heads, ``obsm[f"{level}_probabilities"]`` per level: a
     DataFrame of the heads' class probabilities (columns: the level's reference classes; NaN
