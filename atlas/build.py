@@ -80,6 +80,9 @@ def preflight(build: BuildConfig, uri: str, *, writes_store: bool) -> None:
         missing = [m for m in names if m not in measurements]
         if missing:
             raise ConfigError(f"{section}: the store has no modality {missing} (it has {sorted(measurements)})")
+    if build.index.label_space == "profiles" and not (build.index.profile_space and "RNA" in build.model.modalities):
+        raise ConfigError("index.label_space: profiles needs a profile space: index.profile_space > 0 and RNA "
+                          "among model.modalities")
     columns = set(exp.obs.schema.names)
     missing = [c for c in build.index.levels if c not in columns]
     if missing:
@@ -166,7 +169,7 @@ def _profile_space(build: BuildConfig, uri: str, joinids: np.ndarray, domain_nam
     rng = np.random.default_rng(build.train.seed)
     fit_ids = np.sort(rng.choice(joinids, FIT_CELLS, replace=False)) if joinids.size > FIT_CELLS else joinids
     blocks = [b for _, b in _normalised_blocks(build, uri, "RNA", fit_ids, domain_names, n_features)]
-    space = ProfileSpace.fit(sp.vstack(blocks, format="csr"), "RNA", n_components=build.index.profile_space,
+    space = ProfileSpace.fit(sp.vstack(blocks, format="csr"), "RNA", n_components=build.index.profile_space or 0,
                              seed=build.train.seed)
     coords = np.zeros((joinids.size, space.components.shape[0]), np.float32)
     for rows, block in _normalised_blocks(build, uri, "RNA", joinids, domain_names, n_features):
@@ -249,15 +252,19 @@ def build_atlas(build: BuildConfig, *, resume: bool = False, overwrite: bool = F
     obs = _obs_columns(uri, joinids, ["dataset_id", *levels])
     profiles = _profiles(build, uri, joinids, plan.domain_names) if build.index.profiles else None
     space, profile_vectors = None, None
-    if profiles and build.index.profile_space and "RNA" in modalities:
+    wants_space = build.index.label_space == "profiles"  # "auto" was resolved by the config
+    if (profiles or wants_space) and build.index.profile_space and "RNA" in modalities:
         space, coords = _profile_space(build, uri, joinids, plan.domain_names, log)
         profile_vectors = space.vectors(embeddings, coords)
+    # Labels voted in the profile space: every shard indexes those vectors (no second index needed).
+    in_profile_space = space is not None and wants_space
+    index_vectors = profile_vectors if in_profile_space and profile_vectors is not None else embeddings
     with staged_output(output) as staging:
         layout = build_hierarchy(
-            embeddings, joinids, {lv: obs[lv].to_numpy() for lv in levels}, levels, profiles,
+            index_vectors, joinids, {lv: obs[lv].to_numpy() for lv in levels}, levels, profiles,
             obs["dataset_id"].to_numpy(), index_kind=build.index.kind, exact_below=build.index.exact_below,
             use_gpu=use_gpu or None, n_hash_shards=build.index.hash_shards, out_dir=staging / "shards",
-            seed=build.train.seed, profile_vectors=profile_vectors,
+            seed=build.train.seed, profile_vectors=None if in_profile_space else profile_vectors,
         )
         seconds["index"] = time.perf_counter() - t
         log(f"[build] index: {layout.mode} layout, {len(layout.shard_names())} shard(s) in {seconds['index']:.1f} s")
@@ -267,9 +274,10 @@ def build_atlas(build: BuildConfig, *, resume: bool = False, overwrite: bool = F
             weights = embedding_head_weights(build.model, model_state, len(plan.label_levels))
             model_spec["heads"] = write_heads(staging, weights, plan.label_levels, plan.label_classes)
             heads = read_heads(staging, {"model": model_spec})
-        mapping = _calibrate(build, layout, staging / "shards", embeddings, joinids, obs, levels, log, heads)
+        mapping = _calibrate(build, layout, staging / "shards", index_vectors, joinids, obs, levels, log, heads,
+                             head_inputs=embeddings if in_profile_space else None)
         if space is not None:
-            mapping["profile_space"] = space.save(staging)
+            mapping["profile_space"] = {**space.save(staging), "labels": in_profile_space}
         torch.save(model_state, staging / "model.pt")
         seconds["total"] = time.perf_counter() - t0
         store_record = {"uri": str(Path(uri).resolve()) if "://" not in uri else uri,
@@ -302,7 +310,8 @@ def build_atlas(build: BuildConfig, *, resume: bool = False, overwrite: bool = F
 
 
 def _calibrate(build: BuildConfig, layout, shards_dir: Path, embeddings: np.ndarray, joinids: np.ndarray,
-               obs: pd.DataFrame, levels: list[str], log: Callable[[str], None], heads: Any = None) -> dict[str, Any]:
+               obs: pd.DataFrame, levels: list[str], log: Callable[[str], None], heads: Any = None,
+               head_inputs: np.ndarray | None = None) -> dict[str, Any]:
     """Unknown-rejection thresholds from reference cells mapped leave-one-out (empty: no levels)."""
     if not levels or build.index.calibration_cells <= 0:
         return {}
@@ -322,6 +331,7 @@ def _calibrate(build: BuildConfig, layout, shards_dir: Path, embeddings: np.ndar
         # keeps an unseen type close to its nearest known one. The normalised teacher keeps the
         # term as the teacher did (not validated separately for rejection).
         relative_similarity=getattr(build.model, "embedding", "teacher") != "teacher+student",
+        head_inputs=head_inputs,
     )
     shown = ", ".join(f"{lv} {v:.3f}" for lv, v in mapping["thresholds"].items() if v is not None)
     acc = ", ".join(f"{lv} {v:.3f}" for lv, v in mapping["loo_accuracy"].items() if v is not None)

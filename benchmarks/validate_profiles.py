@@ -62,6 +62,9 @@ def main() -> None:
     coarse = atlas.shard(atlas.layout.root.shards[0])
     if len(atlas.layout.root.shards) != 1:
         sys.exit("this check reads the one coarse shard of a hierarchy layout")
+    if ((atlas.manifest.get("mapping") or {}).get("profile_space") or {}).get("labels"):
+        sys.exit("this atlas's index holds profile-space vectors, not its embedding: build it with "
+                 "index.label_space: embedding to compare neighbour spaces")
     embedding = faiss.downcast_index(coarse.index).reconstruct_n(0, coarse.index.ntotal)
     _, profile = coarse.profiles[args.modality]
     measured = np.asarray(profile.toarray() if sp.issparse(profile) else profile, np.float32)

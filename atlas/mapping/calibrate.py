@@ -47,6 +47,7 @@ def calibrate_thresholds(
     heads: Any = None,
     vote_balance: float = 0.0,
     relative_similarity: bool = True,
+    head_inputs: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Per-level thresholds from up to ``max_cells`` reference cells mapped leave-one-out.
 
@@ -60,7 +61,8 @@ def calibrate_thresholds(
     before rejection), ``rejection_rate``, ``n_cells``, ``k_coarse``, ``k_fine``, ``method`` and,
     with ``vote_balance`` > 0, ``vote_balance`` (``{"power", "counts": level → label → labelled
     reference cells}``: each neighbour's vote is weighted by ``(n_c / n_max) ** -power``, here
-    and at mapping).
+    and at mapping). ``head_inputs``: what the heads read when the index holds other vectors
+    (rows: the same cells; the embedding of an atlas that votes in its profile space).
     """
     if not 0.0 <= rejection_rate < 1.0:
         raise ValueError(f"rejection_rate must be in [0, 1), got {rejection_rate}")
@@ -86,9 +88,12 @@ def calibrate_thresholds(
             counts[level] = {str(v): int(c) for v, c in zip(values, n_cells) if v != ""}
         balance_entry = {"power": float(vote_balance), "counts": counts}
         balance = {lv: balance_weights(c, vote_balance) for lv, c in counts.items()}
+    probabilities = None
+    if heads is not None and head_inputs is not None:
+        probabilities = heads.probabilities(np.ascontiguousarray(head_inputs[sample], dtype=np.float32))
     obs, _ = assign_labels(
         queries, np.ones(sample.size, bool), searcher, layout, list(levels), k_coarse=k_coarse, k_fine=k_fine,
-        thresholds=None, exclude=exclude, heads=heads, typical=typical, balance=balance,
+        thresholds=None, exclude=exclude, heads=heads, typical=typical, balance=balance, probabilities=probabilities,
     )
     thresholds: dict[str, float | None] = {}
     accuracy: dict[str, float | None] = {}

@@ -143,27 +143,51 @@ def resolve_thresholds(thresholds: Any, manifest: Mapping[str, Any], levels: Seq
     return None if thresholds is None else float(thresholds)
 
 
-def profile_neighbours(atlas: Any, emb: np.ndarray, aligned: Mapping[str, sp.csr_matrix],
-                       reports: Mapping[str, Any], coarse: Hits, searcher: Searcher, k: int
-                       ) -> tuple[Hits, np.ndarray | None, str]:
-    """The reference cells each query's profiles are pooled over: ``(hits, weights, how)``.
+def profile_coordinates(atlas: Any, aligned: Mapping[str, sp.csr_matrix], reports: Mapping[str, Any]
+                        ) -> tuple[Any, np.ndarray | None, str]:
+    """``(profile space or None, the query's coordinates in its PCA or None, how)``.
 
-    With the atlas's profile space (:mod:`atlas.index.profile_space`) and a query that has at least
-    ``MIN_GENE_FRACTION`` of its genes: the ``k`` nearest cells in that space, softmax-weighted
-    (``how = "embedding+pca"``). Otherwise the coarse neighbours in the embedding, equal weights."""
+    The coordinates exist when the atlas has a profile space (:mod:`atlas.index.profile_space`)
+    and the query has at least ``MIN_GENE_FRACTION`` of its genes (``how = "embedding+pca"``);
+    otherwise ``how`` says why the embedding alone places the query."""
     from atlas.index.profile_space import MIN_GENE_FRACTION
 
     space = atlas.profile_space() if hasattr(atlas, "profile_space") else None
     if space is None:
-        return coarse, None, "embedding"
+        return None, None, "embedding"
     report = reports.get(space.modality)
     if report is None or report["fraction"] < MIN_GENE_FRACTION:
         have = 0.0 if report is None else report["fraction"]
-        return coarse, None, (f"embedding (the query has {have:.0%} of the {space.modality} features the "
+        return space, None, (f"embedding (the query has {have:.0%} of the {space.modality} features the "
                               f"profile space needs, < {MIN_GENE_FRACTION:.0%})")
-    vectors = space.vectors(emb, space.project(aligned[space.modality]))
-    hits = searcher.search(list(atlas.layout.root.shards), vectors, k, space="profiles")
-    return hits, space.neighbour_weights(hits.similarity), "embedding+pca"
+    return space, space.project(aligned[space.modality]), "embedding+pca"
+
+
+def labels_in_profile_space(manifest: Mapping[str, Any]) -> bool:
+    """Whether the atlas's shards index profile-space vectors (``index.label_space: profiles``)."""
+    return bool(((manifest.get("mapping") or {}).get("profile_space") or {}).get("labels"))
+
+
+def search_vectors(space: Any, coords: np.ndarray | None, emb: np.ndarray) -> np.ndarray:
+    """What an atlas that votes in its profile space is searched with: the profile-space vectors,
+    or, without coordinates, the embedding with a zero PCA block — whose similarities to the
+    indexed vectors rank the reference exactly as the embedding's cosine does."""
+    if coords is None:
+        coords = np.zeros((emb.shape[0], space.components.shape[0]), np.float32)
+    return space.vectors(emb, coords)
+
+
+def profile_neighbours(atlas: Any, space: Any, coords: np.ndarray | None, emb: np.ndarray, coarse: Hits,
+                       searcher: Searcher, k: int) -> tuple[Hits, np.ndarray | None]:
+    """The reference cells each query's profiles are pooled over, and their weights: with
+    coordinates in the profile space, the ``k`` nearest cells there, softmax-weighted (the coarse
+    hits themselves when labels are voted in that space); otherwise the coarse neighbours, equally."""
+    if space is None or coords is None:
+        return coarse, None
+    if labels_in_profile_space(atlas.manifest):
+        return coarse, space.neighbour_weights(coarse.similarity)
+    hits = searcher.search(list(atlas.layout.root.shards), space.vectors(emb, coords), k, space="profiles")
+    return hits, space.neighbour_weights(hits.similarity)
 
 
 def predict_profiles(coarse: Hits, searcher: Searcher, modalities: Sequence[str],
@@ -320,13 +344,15 @@ def run_mapping(
         typical = (atlas.manifest.get("mapping") or {}).get("typical_similarity")
         balance = vote_balance(atlas.manifest)
         head_probabilities = heads.probabilities(emb) if heads is not None else {}
-        labels, coarse = assign_labels(emb, has_data, searcher, layout, levels, k_coarse=params.k_coarse,
+        space, coords, placed_by = profile_coordinates(atlas, aligned, reports)
+        in_space = space is not None and labels_in_profile_space(atlas.manifest)
+        queries = search_vectors(space, coords, emb) if in_space else emb
+        labels, coarse = assign_labels(queries, has_data, searcher, layout, levels, k_coarse=params.k_coarse,
                                        k_fine=params.k_fine, thresholds=thresholds, heads=heads, typical=typical,
                                        balance=balance, probabilities=head_probabilities)
     with clock("profiles"):
-        profile_hits, profile_weights, pooled_over = (
-            profile_neighbours(atlas, emb, aligned, reports, coarse, searcher, params.k_coarse)
-            if knn_targets else (coarse, None, None))
+        profile_hits, profile_weights = (profile_neighbours(atlas, space, coords, emb, coarse, searcher, params.k_coarse)
+                                         if knn_targets else (coarse, None))
         profiles = predict_profiles(profile_hits, searcher, knn_targets, profile_weights)
     with clock("assemble"):
         decoded_frames = {m: pd.DataFrame(v, columns=atlas.vocabulary[m]) for m, v in decoded.items()}
@@ -340,7 +366,8 @@ def run_mapping(
                          "query_domains": domain_report,
                          "confidence": confidence_rule(levels, heads, typical),
                          "vote_balance": (atlas.manifest.get("mapping") or {}).get("vote_balance", {}).get("power", 0.0),
-                         "profile_neighbours": pooled_over}}
+                         "profile_neighbours": placed_by if knn_targets else None,
+                         "label_neighbours": placed_by if in_space else "embedding"}}
         out = assemble(adata.obs_names if obs_names is None else obs_names, emb, labels, profiles, decoded_frames,
                        coarse if params.return_neighbors else None, uns, class_probabilities)
     return out

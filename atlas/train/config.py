@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import TypeAdapter, ValidationError, with_config
@@ -89,10 +89,18 @@ class IndexSection:
     hash_shards: int = 4
     embed_batch_size: int = 2048
     embed_actors: int = 1
-    profile_space: int = 50
+    profile_space: int | None = None
     """Components of the PCA of RNA that ``profiles`` are predicted in, beside the embedding
     (:mod:`atlas.index.profile_space`; chosen on the reference, mean r over 14 proteins 0.839 →
-    0.859); used when the model reads RNA. 0: the embedding's neighbours alone, equal weights."""
+    0.859). 0: the embedding's neighbours alone, equal weights. None: 50 for a Concerto model that
+    reads RNA (where it was validated), else 0."""
+    label_space: Literal["auto", "embedding", "profiles"] = "auto"
+    """Where labels are voted: ``"embedding"`` (the atlas embedding) or ``"profiles"`` (the profile
+    space, the embedding beside the PCA of RNA: every shard's index holds those vectors; needs
+    ``profile_space`` > 0 and RNA). ``"auto"``: ``"profiles"`` when the model reads RNA and
+    ``profile_space`` > 0, else ``"embedding"``. Chosen on held-out reference cells
+    (``benchmarks/validate_label_space.py``): a held-out patient of liao2020 level 1 0.736 → 0.770
+    accuracy, level 2 0.431 → 0.478; pbmc10k's held-out reference cells unchanged (±0.002)."""
     rejection_rate: float = 0.05
     """Fraction of held-out reference cells the calibrated unknown thresholds may reject."""
     calibration_cells: int = 5000
@@ -133,6 +141,13 @@ class BuildConfig:
         if self.index.vote_balance is None:  # stored resolved: the manifest says what was used
             resolved = dataclasses.replace(self.index, vote_balance=default_vote_balance(self.model.modalities))
             object.__setattr__(self, "index", resolved)
+        if self.index.profile_space is None:
+            components = 50 if self.model.model == "concerto" and "RNA" in self.model.modalities else 0
+            object.__setattr__(self, "index", dataclasses.replace(self.index, profile_space=components))
+        if self.index.label_space == "auto":
+            space: Literal["embedding", "profiles"] = (
+                "profiles" if self.index.profile_space and "RNA" in self.model.modalities else "embedding")
+            object.__setattr__(self, "index", dataclasses.replace(self.index, label_space=space))
 
     @property
     def storage_path(self) -> str:

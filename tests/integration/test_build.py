@@ -94,15 +94,12 @@ def test_two_worker_concerto_build_produces_a_verified_artifact(pbmc, concerto_b
     fine = {node.group[-1] for node in atlas_.layout.nodes if node.level == "cell_type_l2"}
     assert atlas_.layout.root.n_cells == n and fine <= groups and len(fine) >= len(groups) - 1
 
-    # The embedding written back to the store is the one in the index, and the artifact's model
-    # reproduces it from the source counts (normalisation and vocabulary agree end to end).
+    # The embedding written back to the store is the one the index was made of (below), and the
+    # artifact's model reproduces it from the source counts (normalisation and vocabulary agree).
     joinids, stored, meta = read_embedding(current_version(store).uri, "RNA", "atlas_test-concerto")
     assert meta["atlas_version"] == atlas_.version and joinids.size == n
     coarse = atlas_.shard("coarse")
     order = np.argsort(coarse.soma_joinid)
-    in_index = coarse.index.reconstruct_n(0, coarse.index.ntotal)[order]
-    unit = stored / np.linalg.norm(stored, axis=1, keepdims=True)
-    np.testing.assert_allclose(in_index, unit, atol=1e-5)
 
     model = atlas_.model()
     # Its normalisation statistics are the trained model's exact ones over the reference, not the
@@ -150,16 +147,19 @@ def test_two_worker_concerto_build_produces_a_verified_artifact(pbmc, concerto_b
     np.testing.assert_allclose(values[order], expected.toarray(), rtol=1e-5, atol=1e-5)
 
     # The profile space: a PCA of the cells' normalised RNA (fitted on all 2,000, fewer than the
-    # cap), and the coarse shard's second index holds each cell's embedding beside its coordinates.
+    # cap); labels are voted in it (label_space "auto" → "profiles" for an RNA Concerto), so every
+    # shard's index holds each cell's embedding beside its PCA coordinates, and no second index.
     space = atlas_.profile_space()
+    assert manifest["build_config"]["index"]["label_space"] == "profiles"
     assert manifest["mapping"]["profile_space"]["components"] == space.components.shape[0] == 50
+    assert manifest["mapping"]["profile_space"]["labels"] is True
     rna = sp.csr_matrix(cells.X, dtype=np.float32)
     rna.data = normalize_log1p(rna.indptr, rna.data)
     np.testing.assert_allclose(space.mean, np.asarray(rna.mean(0)).ravel(), rtol=1e-4, atol=1e-5)
     coords = space.project(rna)
-    in_profile_index = coarse.profile_index.reconstruct_n(0, n)[order]
-    np.testing.assert_allclose(in_profile_index, space.vectors(stored, coords), atol=1e-4)
-    assert all(atlas_.shard(s).profile_index is None for s in atlas_.shard_names() if s != "coarse")
+    in_index = coarse.index.reconstruct_n(0, n)[order]
+    np.testing.assert_allclose(in_index, space.vectors(stored, coords), atol=1e-4)
+    assert all(atlas_.shard(s).profile_index is None for s in atlas_.shard_names())
 
 
 def test_tampered_artifact_is_refused(concerto_build, tmp_path):

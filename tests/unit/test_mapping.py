@@ -363,3 +363,44 @@ def test_relative_and_typical_similarity():
     assert typical == {"A": pytest.approx(0.65)}
     got = relative_similarity(np.array([0.325, 0.9, 0.1]), np.array(["A", "A", "Z"]), typical)
     np.testing.assert_allclose(got, [0.5, 1.0, 1.0])
+
+
+@pytest.mark.real_data
+def test_an_atlas_that_votes_in_its_profile_space(tiny_atlas, tmp_path):
+    """index.label_space: profiles — every shard indexes the profile-space vectors; a query is
+    searched with its own (embedding + PCA), or, lacking the PCA's genes, with its embedding alone,
+    and then finds exactly the neighbours the embedding's own index gives."""
+    import shutil
+
+    from atlas.artifact import load_atlas, write_manifest
+    from atlas.index.shards import build_hierarchy
+
+    atlas, query, _ = tiny_atlas
+    coarse = atlas.shard("coarse")
+    vectors = coarse.profile_index.reconstruct_n(0, coarse.n_cells)
+    build_hierarchy(vectors, coarse.soma_joinid, coarse.labels, LEVELS, {"protein": coarse.profiles["protein"]},
+                    coarse.dataset_id, use_gpu=False, out_dir=tmp_path / "shards")
+    for name in ("model.pt", "heads.npz", "profile_space.npz"):
+        shutil.copy(atlas.path / name, tmp_path / name)
+    m = atlas.manifest
+    mapping = {**m["mapping"], "profile_space": {**m["mapping"]["profile_space"], "labels": True}}
+    write_manifest(tmp_path, build_config=m["build_config"], model=m["model"], vocabulary=atlas.vocabulary,
+                   store=m["store"], metrics={}, mapping=mapping)
+    voting = load_atlas(tmp_path)
+    cells = query[:40].copy()
+    out = map_query(cells, voting, predict=["protein"], return_neighbors=True, thresholds=None)
+    assert out.uns["atlas"]["label_neighbours"] == out.uns["atlas"]["profile_neighbours"] == "embedding+pca"
+    # Its coarse neighbours are the profile space's (the ones the default atlas pools proteins over).
+    default = map_query(cells, atlas, predict=["protein"], thresholds=None)
+    np.testing.assert_allclose(out.obsm["protein_pred"].to_numpy(), default.obsm["protein_pred"].to_numpy(),
+                               rtol=1e-5, atol=1e-6)
+    assert (out.obs["cell_type_l1_pred"] != "unknown").all()
+
+    fewer = cells[:, cells.var_names[: int(cells.n_vars * 0.85)]].copy()
+    lacking = map_query(fewer, voting, return_neighbors=True, thresholds=None)
+    by_embedding = map_query(fewer, atlas, return_neighbors=True, thresholds=None)
+    assert lacking.uns["atlas"]["label_neighbours"].startswith("embedding (the query has 85%")
+    np.testing.assert_array_equal(lacking.obsm["atlas_neighbors_soma_joinid"],
+                                  by_embedding.obsm["atlas_neighbors_soma_joinid"])
+    assert list(lacking.obs["cell_type_l1_pred"]) == list(by_embedding.obs["cell_type_l1_pred"])
+    assert list(lacking.obs["cell_type_l2_pred"]) == list(by_embedding.obs["cell_type_l2_pred"])

@@ -128,3 +128,29 @@ def test_root_shards_carry_the_profile_index_and_search_it(tmp_path):
     assert load_shard(tmp_path / "copy").profile_index is None
     with pytest.raises(ValueError, match="profile index has"):
         Shard("x", coarse.index, coarse.soma_joinid, {}, coarse.dataset_id, profile_index=fine.index)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.floats(0.25, 4.0))
+def test_a_query_without_pca_coordinates_ranks_profile_space_vectors_as_the_embedding_does(seed, weight):
+    """An atlas that votes in its profile space indexes [embedding, PCA] vectors; a query lacking
+    the PCA's genes is searched with a zero PCA block: its neighbours are the embedding's."""
+    import faiss
+
+    from atlas.index.faiss_index import normalize
+    from atlas.mapping.query import search_vectors
+
+    rng = np.random.default_rng(seed)
+    space = ProfileSpace("RNA", np.zeros(6, np.float32), rng.normal(size=(4, 6)).astype(np.float32), weight=weight)
+    emb_ref, coords_ref = rng.normal(size=(50, 8)), rng.normal(size=(50, 4))
+    index = faiss.IndexFlatIP(12)
+    index.add(space.vectors(emb_ref, coords_ref))
+    emb_q = rng.normal(size=(5, 8)).astype(np.float32)
+    sims, rows = index.search(search_vectors(space, None, emb_q), 10)
+    cosine = normalize(emb_q) @ normalize(emb_ref).T
+    expected = np.argsort(-cosine, axis=1)[:, :10]
+    np.testing.assert_array_equal(rows, expected)
+    np.testing.assert_allclose(sims, np.take_along_axis(cosine, expected, 1) / np.sqrt(1 + weight**2), atol=1e-5)
+    # With coordinates, the query is searched with its full profile-space vector.
+    coords_q = rng.normal(size=(5, 4)).astype(np.float32)
+    np.testing.assert_allclose(search_vectors(space, coords_q, emb_q), space.vectors(emb_q, coords_q))
