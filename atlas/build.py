@@ -80,6 +80,8 @@ def preflight(build: BuildConfig, uri: str, *, writes_store: bool) -> None:
         missing = [m for m in names if m not in measurements]
         if missing:
             raise ConfigError(f"{section}: the store has no modality {missing} (it has {sorted(measurements)})")
+    if (build.index.profile_space or 0) < 0:
+        raise ConfigError(f"index.profile_space must be ≥ 0 (PCA components; 0: none), got {build.index.profile_space}")
     if build.index.label_space == "profiles" and not (build.index.profile_space and "RNA" in build.model.modalities):
         raise ConfigError("index.label_space: profiles needs a profile space: index.profile_space > 0 and RNA "
                           "among model.modalities")

@@ -60,6 +60,8 @@ def _config(store, tmp_path, **index):
 @pytest.mark.parametrize(("index", "message"), [
     ({"levels": ["cell_type_l1", "cell_type_l9"]}, "obs has no column(s) ['cell_type_l9']"),
     ({"profiles": ["ATAC"]}, "index.profiles: the store has no modality ['ATAC']"),
+    ({"profile_space": -1}, "index.profile_space must be ≥ 0"),
+    ({"profile_space": 0, "label_space": "profiles"}, "index.label_space: profiles needs a profile space"),
 ])
 def test_a_bad_build_config_fails_before_training(store, tmp_path, index, message):
     config = _config(store, tmp_path, **index)
