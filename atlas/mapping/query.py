@@ -278,7 +278,8 @@ def map_query(
     ``uns["atlas"]`` holds the version, alignment reports, parameters and ``query_domains``. With
     ``return_neighbors``: ``obsm["atlas_neighbors_soma_joinid"]`` (int64, -1 = none),
     ``obsm["atlas_neighbors_similarity"]`` and ``uns["atlas_neighbors"]["dataset_id"]`` (str
-    [cells, k]) of the coarse neighbours. ``fixed_domains`` (with ``model`` holding them): query
+    [cells, k]) of the coarse neighbours (in the space labels are voted in: for an RNA Concerto
+    atlas its profile space, see ``uns["atlas"]["label_neighbours"]``). ``fixed_domains`` (with ``model`` holding them): query
     statistics computed beforehand over a larger query this one is a block of.
     """
     params = MapParams.parse(params, **options)
