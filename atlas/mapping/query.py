@@ -345,7 +345,11 @@ def run_mapping(
         typical = (atlas.manifest.get("mapping") or {}).get("typical_similarity")
         balance = vote_balance(atlas.manifest)
         head_probabilities = heads.probabilities(emb) if heads is not None else {}
-        space, coords, placed_by = profile_coordinates(atlas, aligned, reports)
+        # The query's PCA coordinates only when something reads them: labels voted in the profile
+        # space, or kNN profiles (a labels-only request to an embedding-voting atlas skips them).
+        space, coords, placed_by = (profile_coordinates(atlas, aligned, reports)
+                                    if knn_targets or labels_in_profile_space(atlas.manifest)
+                                    else (None, None, "embedding"))
         in_space = space is not None and labels_in_profile_space(atlas.manifest)
         queries = search_vectors(space, coords, emb) if in_space else emb
         labels, coarse = assign_labels(queries, has_data, searcher, layout, levels, k_coarse=params.k_coarse,
