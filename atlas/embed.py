@@ -21,7 +21,7 @@ from atlas.data.dataset import make_dataset
 from atlas.data.plan import ReadPlan
 from atlas.data.reader import read_block
 from atlas.models.config import model_from_spec
-from atlas.models.recalibrate import RECALIBRATION_PASSES, DomainStatistics
+from atlas.models.recalibrate import DomainStatistics, normalisation_passes
 from atlas.train.step import autocast_context
 
 
@@ -116,17 +116,19 @@ def recalibrate(
     model_spec: dict[str, Any],
     state: dict[str, torch.Tensor],
     *,
-    passes: int = RECALIBRATION_PASSES,
+    passes: int | None = None,
     actors: int = 1,
 ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """``state`` with every DomainBatchNorm1d's statistics replaced by the exact per-domain
     statistics of the plan's cells (see :mod:`atlas.models.recalibrate`); ``passes`` over them by
-    ``actors`` Ray actors that each read their share of the plan's blocks from the store.
+    ``actors`` Ray actors that each read their share of the plan's blocks from the store
+    (default: :func:`~atlas.models.recalibrate.normalisation_passes` of the model).
     Returns the new state and, per layer, how many domains were set."""
     model = _load(model_spec, {k: v.cpu() for k, v in state.items()}).eval()
     updated: dict[str, int] = {}
     if not DomainStatistics(model).layers:  # nothing to recalibrate (no domain normalisation)
         return state, updated
+    passes = normalisation_passes(model) if passes is None else passes
     blocks = list(plan.blocks)
     n = max(1, min(actors, len(blocks)))
     recorder = ray.remote(StatisticsRecorder).options(num_cpus=1)

@@ -57,8 +57,9 @@ class StreamConfig:
     chunks), so chunks are large and the local shuffle buffer does the fine mixing."""
     shuffle_buffer: int = 8192
     """Cells in the consumer's local shuffle buffer (mixed mode only)."""
-    single_domain: bool = False
-    """Every minibatch from one domain (Concerto's domain-specific BatchNorm)."""
+    single_domain: bool | None = None
+    """Every minibatch from one domain (Concerto's domain-specific BatchNorm). None: a build
+    resolves it from the model (:func:`atlas.train.config.default_single_domain`)."""
     normalization: dict = field(default_factory=dict)
     """Per modality ``log1p`` (default), ``tfidf`` or ``none``."""
     max_features: int | None = None
@@ -174,7 +175,7 @@ def build_plan(
         block_size=block_size,
         shuffle=config.shuffle,
         seed=config.seed,
-        single_domain=config.single_domain,
+        single_domain=bool(config.single_domain),
         shuffle_chunk_size=config.shuffle_chunk_size,
         labels=labels,
     )
@@ -188,7 +189,7 @@ def build_plan(
         blocks=tuple(blocks),
         domain_names=names,
         batch_size=config.batch_size,
-        single_domain=config.single_domain,
+        single_domain=bool(config.single_domain),
         normalization=dict(config.normalization),
         idf=idf,
         max_features=config.max_features,

@@ -124,3 +124,120 @@ def integration_table(
     rows = {name: integration_scores(x, labels, batch, pre_integrated) for name, x in embeddings.items()}
     columns = ["overall", "bio", "batch", *BIO, *BATCH, *EXTRA]
     return pd.DataFrame.from_dict(rows, orient="index")[columns]
+
+
+# -- the six-metric mean of the NeurIPS 2021 multimodal benchmark (CVQVAE's paper code) ----------
+
+SIX_METRICS = ("nmi", "silhouette_label", "cell_cycle_conservation", "trajectory_conservation",
+               "silhouette_batch", "graph_connectivity")
+
+
+def cell_cycle_conservation(pre: np.ndarray, post: np.ndarray, phase: Sequence | np.ndarray,
+                            batch: Sequence | np.ndarray, n_comps: int = 50) -> float:
+    """scIB's cell-cycle conservation, with the cells' cell-cycle *phase* as the covariate.
+
+    Per batch: the variance of the embedding explained by the covariate (principal component
+    regression), before (``pre``, the unintegrated PCA) and after; score ``1 − |after − before|
+    / before`` (0 when negative), averaged over batches. scIB regresses on S and G2M scores it
+    computes from Tirosh et al.'s genes; a panel lacking those genes (the NeurIPS 2021 starter
+    set has 2 of 97) cannot give scores, so the data set's own ``phase`` column is the covariate
+    (categorical).
+    """
+    from scib_metrics.utils import principal_component_regression
+
+    phase = np.asarray(pd.Series(phase).astype(str).to_numpy())
+    batch = np.asarray(pd.Series(batch).astype(str).to_numpy())
+    scores = []
+    for b in np.unique(batch):
+        rows = batch == b
+        if len(np.unique(phase[rows])) < 2:
+            continue  # one phase in this batch: nothing to conserve
+        k_pre, k_post = (min(n_comps, int(rows.sum()) - 1, x.shape[1]) for x in (pre, post))
+        before = principal_component_regression(np.asarray(pre[rows], np.float32), phase[rows], categorical=True,
+                                                n_components=k_pre)
+        after = principal_component_regression(np.asarray(post[rows], np.float32), phase[rows], categorical=True,
+                                               n_components=k_post)
+        scores.append(max(0.0, 1.0 - abs(after - before) / before) if before > 0 else 0.0)
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def trajectory_conservation(embedding: np.ndarray, pre: np.ndarray, pseudotime: Sequence | np.ndarray,
+                            labels: Sequence | np.ndarray, batch: Sequence | np.ndarray,
+                            n_neighbors: int = 15) -> float:
+    """scIB's trajectory conservation: Spearman r (scaled to (r + 1) / 2) between the given
+    pseudotime and the diffusion pseudotime on the embedding's neighbour graph, per batch, mean.
+
+    Only cells with a pseudotime take part. The root is scIB's: among the cells of the label
+    with the lowest mean pseudotime, in the graph's largest connected component, the most
+    extreme cell of the first three diffusion components (majority vote). Cells outside that
+    component get pseudotime 0, as in scIB. ``pre`` is unused by the rule and kept for symmetry
+    with :func:`cell_cycle_conservation` (scIB reads its labels and pseudotime from it).
+    """
+    import anndata as ad
+    import scanpy as sc
+    from scipy.sparse.csgraph import connected_components
+
+    del pre
+    pseudotime = np.asarray(pseudotime, dtype=float)
+    keep = np.isfinite(pseudotime)
+    if keep.sum() < 3:
+        return float("nan")
+    labels = np.asarray(pd.Series(labels).astype(str).to_numpy())[keep]
+    batch = np.asarray(pd.Series(batch).astype(str).to_numpy())[keep]
+    truth = pseudotime[keep]
+    adata = ad.AnnData(np.zeros((int(keep.sum()), 1), np.float32))
+    adata.obsm["X_emb"] = np.asarray(embedding, np.float32)[keep]
+    sc.pp.neighbors(adata, use_rep="X_emb", n_neighbors=min(n_neighbors, int(keep.sum()) - 1), random_state=0)
+    component = np.asarray(connected_components(adata.obsp["connectivities"], directed=False, return_labels=True)[1])
+    largest = component == np.bincount(component).argmax()
+    start_label = pd.Series(truth).groupby(labels).mean().idxmin()
+    candidates = np.flatnonzero(largest & (labels == start_label))
+    dpt = np.zeros(len(truth))
+    if len(candidates):
+        sub = adata[largest].copy()
+        sc.pp.neighbors(sub, use_rep="X_emb", n_neighbors=min(n_neighbors, sub.n_obs - 1), random_state=0)
+        sc.tl.diffmap(sub, n_comps=min(15, sub.n_obs - 2))
+        local = np.asarray(np.searchsorted(np.flatnonzero(largest), candidates), dtype=np.int64)
+        votes = np.zeros(len(local))
+        for dim in range(min(3, sub.obsm["X_diffmap"].shape[1])):
+            values = sub.obsm["X_diffmap"][:, dim]
+            pick = np.argmin if values[local].mean() < values.mean() else np.argmax
+            votes[pick(values[local])] += 1
+        sub.uns["iroot"] = int(local[int(np.argmax(votes))])
+        sc.tl.dpt(sub)
+        inner = np.asarray(sub.obs["dpt_pseudotime"], dtype=float)
+        inner[~np.isfinite(inner) | (inner > 1)] = 0.0
+        dpt[largest] = inner
+    per_batch = []
+    for b in np.unique(batch):
+        rows = batch == b
+        if rows.sum() < 3:
+            continue
+        r = pd.Series(truth[rows]).corr(pd.Series(dpt[rows]), method="spearman")
+        if np.isfinite(r):
+            per_batch.append(r)
+    return float((np.mean(per_batch) + 1) / 2) if per_batch else float("nan")
+
+
+def six_metric_scores(embedding: np.ndarray, labels: Sequence | np.ndarray, batch: Sequence | np.ndarray,
+                      pre_integrated: np.ndarray, phase: Sequence | np.ndarray,
+                      pseudotime: Sequence | np.ndarray) -> dict[str, float]:
+    """The six metrics the CVQVAE paper's code averages (NeurIPS 2021 multimodal integration
+    benchmark): NMI, cell-type ASW, cell-cycle conservation, trajectory conservation, batch ASW,
+    graph connectivity, and their plain mean (``six_mean``); NMI, the silhouettes and graph
+    connectivity as :func:`integration_scores` computes them."""
+    scib, pynndescent = _scib()
+    x = np.ascontiguousarray(np.asarray(embedding, dtype=np.float32))
+    labels = np.asarray(pd.Series(labels).astype(str).to_numpy())
+    batch = np.asarray(pd.Series(batch).astype(str).to_numpy())
+    neighbours = pynndescent(x, n_neighbors=min(90, len(x) - 1), random_state=0, n_jobs=1)
+    scores = {
+        "nmi": float(scib.nmi_ari_cluster_labels_kmeans(x, labels)["nmi"]),
+        "silhouette_label": float(scib.silhouette_label(x, labels)),
+        "cell_cycle_conservation": cell_cycle_conservation(pre_integrated, x, phase, batch),
+        "trajectory_conservation": trajectory_conservation(x, pre_integrated, pseudotime, labels, batch),
+        "silhouette_batch": float(scib.silhouette_batch(x, labels, batch)),
+        "graph_connectivity": float(scib.graph_connectivity(neighbours.subset_neighbors(n=15), labels)),
+    }
+    scores["six_mean"] = float(np.nanmean([scores[k] for k in SIX_METRICS]))
+    return scores

@@ -6,7 +6,7 @@ frozen model over every block and return, per query batch, the count, sum and su
 each normalisation layer's inputs (:class:`~atlas.models.recalibrate.DomainStatistics`, the
 same sufficient statistics the build's recalibration sums). The driver adds them up and sets
 the statistics of the layers ``domain_statistics`` adapts: one pass for ``"input"``; layers feed
-each other, so ``"all"`` takes :data:`~atlas.models.recalibrate.RECALIBRATION_PASSES`. The
+each other, so ``"all"`` takes :func:`~atlas.models.recalibrate.normalisation_passes`. The
 mapping actors then embed
 every block with the statistics of the whole batch, exactly as :func:`~atlas.mapping.map_query`
 does for the whole query in one process.
@@ -96,6 +96,7 @@ def exact_query_domains(source: QuerySource, blocks: Sequence[QueryBlock], atlas
         add_query_domains,
         has_domain_normalisation,
         keep_query_layers,
+        normalisation_passes,
         query_passes,
         query_statistics,
     )
@@ -106,7 +107,7 @@ def exact_query_domains(source: QuerySource, blocks: Sequence[QueryBlock], atlas
     model = atlas.model("cpu")
     if not has_domain_normalisation(model, layers):
         return None
-    passes = query_passes(layers)
+    passes = query_passes(layers, normalisation_passes(model))
     known = batch_names(source, blocks, params.batch)
     assert known is not None  # a batch_key or a batch is given
     names, counts = known

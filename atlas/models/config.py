@@ -82,6 +82,11 @@ class CVQVAEConfig:
     #: How ATAC values arrive in batches: ``"lognorm"`` (library-size + log1p, converted to
     #: TF-IDF inside the view) or ``"tfidf"`` (already TF-IDF).
     atac_values: Literal["lognorm", "tfidf"] = "lognorm"
+    #: Per-domain BatchNorm statistics (the build's ``data.domain_key``), which the published
+    #: method lacks: ``"none"`` (one set of statistics, as published), ``"encoders"`` (every
+    #: encoder BatchNorm per domain, as Concerto removes batch effects) or ``"all"`` (the decoders'
+    #: too, so a decoder can put back what the encoder removed).
+    domain_norm: Literal["none", "encoders", "all"] = "encoders"
     #: Hidden widths of encoders (decoders mirror them).
     hidden: tuple[int, ...] = (512, 256, 128)
     latent_dim: int = 16
@@ -98,6 +103,10 @@ class CVQVAEConfig:
     dead_threshold: float = 0.1
     #: λ1 (E1 → D2 reconstructs S2), λ2 (E2 → D1 reconstructs S1), λ3 (‖z1 − z2‖²).
     lambdas: tuple[float, float, float] = (1.0, 1.0, 10.0)
+    #: Weight of each modality's own reconstruction (E1 → D1, E2 → D2) beside the cross terms;
+    #: 0 = the published objective (cross reconstruction only), where a latent keeps only what
+    #: predicts the *other* modality.
+    self_weight: float = 1.0
 
 
 ModelConfig = Annotated[ConcertoConfig | CVQVAEConfig, Field(discriminator="model")]

@@ -8,9 +8,17 @@ a third term ``λ3‖z1 − z2‖²`` pulls the two latents of a cell together::
 
     L = λ1 · L(E1, D2, K1) + λ2 · L(E2, D1, K2) + λ3 · ‖z1 − z2‖²
     L(E, D, K) = ‖D(q(z)) − target‖² + β ‖z − sg(q(z))‖²   (the codebook moves by EMA)
+    (+ self_weight · (‖D1(q(z1)) − S1‖² + ‖D2(q(z2)) − S2‖²) when ``self_weight`` > 0)
 
 ``quantize=False`` gives the paper's ablation ("CVAE"): the same cross-training with the
 decoder reading the continuous z.
+
+Two options the published method lacks, both off in the published configuration:
+``domain_norm`` (per-domain BatchNorm statistics in the encoders, and optionally the decoders,
+as Concerto removes batch effects; the published model has no batch mechanism, while atlases
+integrate libraries) and ``self_weight`` (each modality also reconstructs itself, so a latent
+keeps what the *other* modality cannot predict). Which are on by default is decided on held-out
+reference libraries (``benchmarks/validate_cvqvae.py``; see :class:`~atlas.models.config.CVQVAEConfig`).
 
 Downstream, a cell's embedding is the continuous (pre-quantisation) z: the mean of z1 and z2
 for a paired cell, the available one otherwise. ``predict_other`` decodes one modality into the
@@ -70,16 +78,20 @@ class CVQVAE(nn.Module):
         super().__init__()
         self.config = config
         self.modalities = tuple(config.modalities)
-        self.n_domains = n_domains  # kept for the manifest; CVQVAE has no domain-specific layer
+        self.n_domains = n_domains
         self.views = nn.ModuleDict({m: make_view(m, vocab_sizes[m], config) for m in self.modalities})
         self.encoders = nn.ModuleDict()
         self.decoders = nn.ModuleDict()
         hidden = tuple(config.hidden)
+        encoder_domains = n_domains if config.domain_norm in ("encoders", "all") else 0
+        decoder_domains = n_domains if config.domain_norm == "all" else 0
         for m, view in self.views.items():
             in_dim = view.in_dim if isinstance(view, LearnedView) else view.out_dim
-            self.encoders[m] = SkipMLP(in_dim, hidden, config.latent_dim, config.dropout)
+            self.encoders[m] = SkipMLP(in_dim, hidden, config.latent_dim, config.dropout, encoder_domains,
+                                       input_norm=True)
             # decoders[m] reconstructs modality m (from the *other* modality's latent).
-            self.decoders[m] = SkipMLP(config.latent_dim, hidden[::-1], view.out_dim, config.dropout)
+            self.decoders[m] = SkipMLP(config.latent_dim, hidden[::-1], view.out_dim, config.dropout,
+                                       decoder_domains)
         self.quantizers = nn.ModuleDict()
         if config.quantize:
             make_vq = lambda: VectorQuantizerEMA(  # noqa: E731
@@ -89,6 +101,13 @@ class CVQVAE(nn.Module):
             shared = make_vq() if config.shared_codebook else None
             for m in self.modalities:
                 self.quantizers[m] = shared if shared is not None else make_vq()
+
+    @property
+    def normalisation_depth(self) -> int:
+        """Longest chain of per-domain normalisation layers (input + one per block of the
+        encoders; decoders' layers are recorded only when decoding): the recalibration passes
+        that make every encoder layer exact."""
+        return 1 + len(self.config.hidden) if self.config.domain_norm != "none" else 0
 
     # -- views ---------------------------------------------------------------------------------
     def fit_views(
@@ -109,7 +128,7 @@ class CVQVAE(nn.Module):
         if rows is None:
             rows = torch.arange(batch["domain"].shape[0], device=batch["domain"].device)
         ids, values, mask = self._inputs(batch, modality, rows)
-        return self.encoders[modality](self.views[modality](ids, values, mask))
+        return self.encoders[modality](self.views[modality](ids, values, mask), batch["domain"][rows])
 
     def _quantize(self, z: torch.Tensor, modality: str) -> dict[str, torch.Tensor]:
         if not self.config.quantize:
@@ -129,16 +148,17 @@ class CVQVAE(nn.Module):
             # DDP's gradient synchronisation finds them all.
             zero = sum(p.sum() for p in self.parameters()) * 0.0
             out = {k: torch.zeros((), device=device) for k in (
-                "recon_1to2", "recon_2to1", "align", "commitment",
+                "recon_1to2", "recon_2to1", "align", "self_recon", "commitment",
                 "perplexity_1", "perplexity_2", "usage_1", "usage_2")}
             return {"loss": zero, **out, "n_pairs": torch.zeros((), device=device)}
         x1, x2 = self._inputs(batch, s1, rows), self._inputs(batch, s2, rows)
-        z1 = self.encoders[s1](self.views[s1](*x1))
-        z2 = self.encoders[s2](self.views[s2](*x2))
+        domain = batch["domain"][rows]
+        z1 = self.encoders[s1](self.views[s1](*x1), domain)
+        z2 = self.encoders[s2](self.views[s2](*x2), domain)
         q1, q2 = self._quantize(z1, s1), self._quantize(z2, s2)
         # Cross-decoding through BOTH decoders: E1 → D2 reconstructs S2, E2 → D1 reconstructs S1.
-        recon_2 = self.decoders[s2](q1["quantized"])
-        recon_1 = self.decoders[s1](q2["quantized"])
+        recon_2 = self.decoders[s2](q1["quantized"], domain)
+        recon_1 = self.decoders[s1](q2["quantized"], domain)
         loss_12 = F.mse_loss(recon_2.float(), self.views[s2].target(*x2))
         loss_21 = F.mse_loss(recon_1.float(), self.views[s1].target(*x1))
         align = F.mse_loss(z1.float(), z2.float())
@@ -148,11 +168,17 @@ class CVQVAE(nn.Module):
             + lam2 * (loss_21 + q2["commitment"])
             + lam3 * align
         )
+        self_recon = torch.zeros((), device=device)
+        if self.config.self_weight > 0:
+            self_recon = (F.mse_loss(self.decoders[s1](q1["quantized"], domain).float(), self.views[s1].target(*x1))
+                          + F.mse_loss(self.decoders[s2](q2["quantized"], domain).float(), self.views[s2].target(*x2)))
+            loss = loss + self.config.self_weight * self_recon
         return {
             "loss": loss,
             "recon_1to2": loss_12.detach(),
             "recon_2to1": loss_21.detach(),
             "align": align.detach(),
+            "self_recon": self_recon.detach(),
             "commitment": commitment.detach(),
             "perplexity_1": q1["perplexity"].detach(),
             "perplexity_2": q2["perplexity"].detach(),
@@ -202,7 +228,7 @@ class CVQVAE(nn.Module):
             if rows.numel():
                 z = self.encode(batch, modality_in, rows)
                 q = self._quantize(z, modality_in)["quantized"]
-                pred_view[rows] = self.decoders[target](q).float()
+                pred_view[rows] = self.decoders[target](q, batch["domain"][rows]).float()
             features = view_out.inverse(pred_view)
             features[modality_present(batch, modality_in).logical_not()] = 0.0
         return {"view": pred_view, "features": features}

@@ -461,23 +461,42 @@ class VectorQuantizerEMA(nn.Module):
 
 class SkipMLP(nn.Module):
     """MLP of Linear → BatchNorm → ELU blocks with a linear skip link around each block, then a
-    final Linear to ``out_dim`` (no activation). Used by CVQVAE's encoders and decoders."""
+    final Linear to ``out_dim`` (no activation). Used by CVQVAE's encoders and decoders.
 
-    def __init__(self, in_dim: int, hidden: tuple[int, ...], out_dim: int, dropout: float = 0.0):
+    ``n_domains`` (> 0) makes every BatchNorm a :class:`DomainBatchNorm1d` (per-domain statistics,
+    shared affine), as Concerto removes batch effects; ``forward`` then needs each row's domain.
+    The skip links would carry a domain's shift of the input around every normalisation, so with
+    ``input_norm`` the input itself is first normalised per domain too (the layer marked as over
+    the measured values, which a query batch adapts by default, see
+    :func:`atlas.models.recalibrate.with_query_domains`). Encoders want that; a decoder, whose
+    input is the latent, does not (its per-domain statistics may put a domain's offsets back)."""
+
+    def __init__(self, in_dim: int, hidden: tuple[int, ...], out_dim: int, dropout: float = 0.0,
+                 n_domains: int = 0, input_norm: bool = False):
         super().__init__()
         dims = (in_dim, *hidden)
+        self.input_norm = DomainBatchNorm1d(in_dim, n_domains, normalises_input=True) if (
+            n_domains > 0 and input_norm) else None
         self.blocks = nn.ModuleList()
         self.skips = nn.ModuleList()
         for a, b in zip(dims[:-1], dims[1:]):
-            self.blocks.append(
-                nn.Sequential(nn.Linear(a, b), nn.BatchNorm1d(b), nn.ELU(), nn.Dropout(dropout))
-            )
+            norm: nn.Module = DomainBatchNorm1d(b, n_domains) if n_domains > 0 else nn.BatchNorm1d(b)
+            self.blocks.append(nn.Sequential(nn.Linear(a, b), norm, nn.ELU(), nn.Dropout(dropout)))
             # The skip link keeps a linear path from input to output of each block, which keeps
             # gradients healthy in deeper stacks (identity when the width does not change).
             self.skips.append(nn.Identity() if a == b else nn.Linear(a, b, bias=False))
         self.out = nn.Linear(dims[-1], out_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, domain: torch.Tensor | None = None) -> torch.Tensor:
+        per_domain = self.input_norm is not None or any(
+            isinstance(layer, DomainBatchNorm1d) for block in self.blocks for layer in block)
+        if per_domain and domain is None:
+            raise ValueError("this network normalises per domain: pass each row's domain")
+        if self.input_norm is not None:
+            x = self.input_norm(x, domain)
         for block, skip in zip(self.blocks, self.skips):
-            x = block(x) + skip(x)
+            h = x
+            for layer in block:
+                h = layer(h, domain) if isinstance(layer, DomainBatchNorm1d) else layer(h)
+            x = h + skip(x)
         return self.out(x)

@@ -40,7 +40,8 @@ class ConfigError(AtlasError, ValueError):
 class TrainConfig:
     """Optimisation settings (the schedule itself is the method's: see atlas.train.step)."""
 
-    epochs: int = 3
+    epochs: int | None = None
+    """Passes over the reference. None: :func:`default_epochs` of the model (stored resolved)."""
     lr: float = 1e-3
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0
@@ -113,6 +114,24 @@ class IndexSection:
     held-out reference cells, patients, studies and batches (``benchmarks/validate_embedding.py``)."""
 
 
+#: Epochs of a build that does not say (``train.epochs``), per model. Concerto: the top of the
+#: paper's 3–5 at the scale of the demo. CVQVAE: chosen on held-out libraries of MOp's
+#: reference (``benchmarks/validate_cvqvae.py``).
+DEFAULT_EPOCHS = {"concerto": 3, "cvqvae": 50}
+
+
+def default_epochs(model: str) -> int:
+    """``train.epochs`` when a build config leaves it out (see :data:`DEFAULT_EPOCHS`)."""
+    return DEFAULT_EPOCHS[model]
+
+
+def default_single_domain(model: Any) -> bool:
+    """``data.single_domain`` when a build config leaves it out: single-domain minibatches for a
+    CVQVAE with per-domain normalisation (each domain's statistics from whole minibatches, as it
+    was validated); Concerto keeps mixed minibatches (its layers group rows by domain)."""
+    return bool(getattr(model, "model", None) == "cvqvae" and getattr(model, "domain_norm", "none") != "none")
+
+
 def default_vote_balance(modalities: tuple[str, ...] | list[str]) -> float:
     """The vote balance of :attr:`IndexSection.vote_balance` None. Balancing lifted rare types
     on RNA (a held-out patient: level-1 macro-F1 +0.1) and cost accuracy on antibody panels
@@ -138,6 +157,10 @@ class BuildConfig:
     index: IndexSection = field(default_factory=IndexSection)
 
     def __post_init__(self) -> None:
+        if self.train.epochs is None:  # resolved, like the index defaults: the manifest says what ran
+            object.__setattr__(self, "train", dataclasses.replace(self.train, epochs=default_epochs(self.model.model)))
+        if self.data.single_domain is None:
+            object.__setattr__(self, "data", dataclasses.replace(self.data, single_domain=default_single_domain(self.model)))
         if self.index.vote_balance is None:  # stored resolved: the manifest says what was used
             resolved = dataclasses.replace(self.index, vote_balance=default_vote_balance(self.model.modalities))
             object.__setattr__(self, "index", resolved)

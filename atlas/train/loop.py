@@ -186,7 +186,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     optimizer = torch.optim.Adam(model.parameters(), lr=build.train.lr, weight_decay=build.train.weight_decay)
     steps_per_epoch = max(1, math.ceil(cfg["n_cells"] / world / plan.batch_size))
-    scheduler = make_scheduler(model, optimizer, build.train.epochs * steps_per_epoch)
+    epochs = build.train.epochs
+    assert epochs is not None  # BuildConfig resolves the model's default
+    scheduler = make_scheduler(model, optimizer, epochs * steps_per_epoch)
 
     history: dict[str, Any] = {"epochs": [], "steps": []}
     start_epoch, global_step = 0, 0
@@ -206,7 +208,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     history["worker_nodes"] = _gather_node_ids(world)
     shard = ray.train.get_dataset_shard("train")
-    progress = _Progress(rank, build.train.epochs, steps_per_epoch)
+    progress = _Progress(rank, epochs, steps_per_epoch)
 
     def report(epoch: int, epoch_complete: bool, metrics: dict[str, float]) -> None:
         sync_normalisation_statistics(_inner(model))
@@ -238,7 +240,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         if rank == 0 and global_step % 10 == 0:
             history["steps"].append({"step": global_step, "epoch": epoch, **metrics})
 
-    for epoch in range(start_epoch, build.train.epochs):
+    for epoch in range(start_epoch, epochs):
         progress.reset()
         batches = iter(
             iter_batches(shard, plan, epoch=epoch, shuffle_buffer=build.train.shuffle_buffer, seed=build.train.seed)
@@ -275,7 +277,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         history["epochs"].append({"epoch": epoch, **summary})
         if rank == 0:
             print(
-                f"[train] epoch {epoch + 1}/{build.train.epochs} done: loss {summary['loss']:.4f}, "
+                f"[train] epoch {epoch + 1}/{epochs} done: loss {summary['loss']:.4f}, "
                 f"{int(cells):,} cells in {seconds:.1f} s ({summary['cells_per_s']:,.0f} cells/s, all workers)",
                 flush=True,
             )

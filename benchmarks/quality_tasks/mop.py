@@ -54,6 +54,13 @@ QUICK_CELLS = 2000
 COMMON_PEAK = 0.05  # a peak open in at least this fraction of query cells is "common"
 
 OURS = ["CVQVAE atlas", "CVAE (no VQ)", "Concerto RNA+ATAC", "Concerto RNA"]
+SEEDS = (0, 1, 2)
+MIXING = ["CVQVAE atlas", "CVAE (no VQ)", "Concerto RNA+ATAC"]
+
+
+def seed_name(name: str, seed: int) -> str:
+    """The build of ``name`` with another training seed (seed 0 is ``name`` itself)."""
+    return name if seed == 0 else f"{name} · seed {seed}"
 INTEGRATION = [*OURS, "PCA (unintegrated)", "Harmony", "scVI"]
 ATAC_METHODS = ["CVQVAE decoder", "CVQVAE atlas kNN", "CVAE decoder", "Concerto RNA atlas kNN", "PCA + kNN",
                 "reference mean (no model)"]
@@ -72,13 +79,14 @@ def settings(quick: bool, workers: int) -> dict:
     single-domain minibatches for domain-specific BatchNorm, lr 1e-3, 5 epochs: the top of the
     paper's 3–5).
     """
-    cvq_epochs = 2 if quick else 50
+    from atlas.train.config import default_epochs
+
+    cvq_epochs = 2 if quick else default_epochs("cvqvae")
     concerto_epochs = 1 if quick else 5
     levels = {"levels": LEVELS}
     cvqvae = {
         "model": {"model": "cvqvae", "modalities": ["RNA", "ATAC"]},
-        "data": {"batch_size": 256},
-        "train": {"epochs": cvq_epochs, "lr": 1e-3, "checkpoint_every": 10_000, "seed": 0},
+        "train": {"epochs": cvq_epochs, "checkpoint_every": 10_000, "seed": 0},
         "scaling": {"num_workers": workers, "use_gpu": False},
     }
     concerto = {
@@ -94,6 +102,11 @@ def settings(quick: bool, workers: int) -> dict:
         "Concerto RNA": {**concerto, "model": {"model": "concerto", "modalities": ["RNA"]},
                          "index": {**levels, "profiles": ["ATAC"]}},
     }
+    # The VQ ablation over seeds: the same two builds again with other seeds (integration only).
+    for seed in SEEDS[1:] if not quick else ():
+        for name in ("CVQVAE atlas", "CVAE (no VQ)"):
+            base = builds[name]
+            builds[seed_name(name, seed)] = {**base, "train": {**base["train"], "seed": seed}, "index": levels}
     return {"builds": builds, "cvqvae_epochs": cvq_epochs, "concerto_epochs": concerto_epochs,
             "workers": workers, "quick": quick}
 
@@ -186,6 +199,50 @@ def reference_embedding(store: str, name: str, cell_ids: pd.Index) -> np.ndarray
     if len(missing):
         raise RuntimeError(f"{name}: {len(missing)} reference cells have no embedding (e.g. {missing[0]})")
     return frame.loc[cell_ids].to_numpy(np.float32)
+
+
+def modality_embeddings(artifact: str, ref_rna, ref_atac) -> dict[str, np.ndarray]:
+    """Each reference cell's embedding from its RNA alone and from its ATAC alone, through the
+    mapping path (alignment to the atlas vocabulary, the build's normalisation, the frozen model),
+    every library normalised with its own statistics in every layer: the statistics the build's
+    recalibration gave the reference (nothing changes for a model without per-domain layers)."""
+    import scipy.sparse as sp
+
+    from atlas import load_atlas
+    from atlas.mapping.embedding import embed_prepared, max_features_of
+    from atlas.mapping.query import prepare_query
+
+    atlas = load_atlas(artifact)
+    query = ref_rna.copy()
+    query.obs = query.obs[[]]
+    query.obsm["ATAC"] = pd.DataFrame.sparse.from_spmatrix(
+        sp.csr_matrix(ref_atac.X, dtype=np.float32), index=query.obs_names, columns=ref_atac.var_names.astype(str))
+    aligned, _, _ = prepare_query(query, atlas)
+    codes = pd.Categorical(ref_rna.obs[BATCH_KEY].astype(str)).codes.astype(np.int64)
+    model = atlas.model("cpu")
+    out = {}
+    for m in ("RNA", "ATAC"):
+        alone = {k: (v if k == m else sp.csr_matrix(v.shape, dtype=np.float32)) for k, v in aligned.items()}
+        out[m], _ = embed_prepared(alone, model, max_features=max_features_of(atlas.manifest), domains=codes,
+                                   layers="all")
+    return out
+
+
+def raw_views(ref_rna, ref_atac, dim: int = 16) -> np.ndarray:
+    """The modality-mixing baseline: PCA of the RNA and LSI of the ATAC (``dim`` each, the
+    latent width) of the reference cells, stacked — two unrelated spaces, i.e. no alignment."""
+    import scipy.sparse as sp
+    import torch
+
+    from atlas.data.batches import csr_to_batch
+    from atlas.models.views import LSIView, PCAView
+
+    r, a = sp.csr_matrix(ref_rna.X, dtype=np.float32), sp.csr_matrix(ref_atac.X, dtype=np.float32)
+    b = csr_to_batch({"RNA": r, "ATAC": a})
+    with torch.no_grad():
+        x_rna = PCAView(r.shape[1], dim).fit(r)(b["RNA_ids"], b["RNA_values"], b["RNA_mask"]).numpy()
+        x_atac = LSIView(a.shape[1], dim).fit(a)(b["ATAC_ids"], b["ATAC_values"], b["ATAC_mask"]).numpy()
+    return np.vstack([x_rna, x_atac]).astype(np.float32)
 
 
 def epoch_curves(artifact: str) -> dict:
@@ -319,11 +376,18 @@ def _run(out: Path, *, quick: bool, workers: int, scvi_epochs: int, fine_integra
         builds = build_all(out, ref_rna, ref_atac, cfg)
     finally:
         ray.shutdown()
-    for name in OURS:
+    built = [n for n in cfg["builds"]]
+    for name in built:
         embeddings[name] = reference_embedding(builds["store"], builds[name]["embedding"], ref_ids)
         builds[name]["curves"] = epoch_curves(builds[name]["artifact"])
         print(f"   {name}: built in {builds[name]['build_s']:.1f} s, curves {builds[name]['curves']}", flush=True)
     embeddings["PCA (unintegrated)"] = pca
+
+    say("modality mixing (the paper's protocol): RNA-view and ATAC-view embeddings of every reference cell stacked")
+    per_modality = {n: modality_embeddings(builds[n]["artifact"], ref_rna, ref_atac)
+                    for n in built if n in MIXING or any(n.startswith(m + " · seed") for m in MIXING)}
+    stacked = {n: np.vstack([v["RNA"], v["ATAC"]]) for n, v in per_modality.items()}
+    stacked["PCA (RNA) + LSI (ATAC)"] = raw_views(ref_rna, ref_atac)
 
     say("Harmony on the PCA (batch = Batch)")
     t = time.perf_counter()
@@ -339,11 +403,20 @@ def _run(out: Path, *, quick: bool, workers: int, scvi_epochs: int, fine_integra
     for level in LEVELS if fine_integration else LEVELS[:1]:
         say(f"scIB integration scores, labels {level}")
         t = time.perf_counter()
-        frame = integration_table({n: embeddings[n] for n in INTEGRATION}, ref_rna.obs[level].astype(str).to_numpy(),
+        names = INTEGRATION + [n for n in built if n not in INTEGRATION] if level == LEVELS[0] else INTEGRATION
+        frame = integration_table({n: embeddings[n] for n in names}, ref_rna.obs[level].astype(str).to_numpy(),
                                   ref_batch, pca)
         timings[f"scib_{level}_s"] = time.perf_counter() - t
         integration[level] = {n: {k: float(v) for k, v in row.items()} for n, row in frame.iterrows()}
         print(frame.round(3).to_string(), flush=True)
+    say(f"scIB of the stacked modality embeddings, labels {LEVELS[0]}, batch = modality")
+    t = time.perf_counter()
+    coarse = ref_rna.obs[LEVELS[0]].astype(str).to_numpy()
+    frame = integration_table(stacked, np.concatenate([coarse, coarse]), np.repeat(["RNA", "ATAC"], ref_rna.n_obs),
+                              stacked["PCA (RNA) + LSI (ATAC)"])
+    timings["scib_mixing_s"] = time.perf_counter() - t
+    mixing = {n: {k: float(v) for k, v in row.items()} for n, row in frame.iterrows()}
+    print(frame.round(3).to_string(), flush=True)
 
     # -- mapping the RNA-only query: labels and ATAC ---------------------------------------------
     from atlas import load_atlas
@@ -413,9 +486,11 @@ def _run(out: Path, *, quick: bool, workers: int, scvi_epochs: int, fine_integra
                      "builds": {n: {k: v for k, v in c.items() if k in ("model", "data", "train", "scaling", "index")}
                                 for n, c in cfg["builds"].items()}},
         "integration": integration,
+        "mixing": mixing,
+        "seeds": list(SEEDS) if not quick else [0],
         "atac": atac_result,
         "labels": labels,
-        "builds": {n: {k: builds[n][k] for k in ("build_s", "stages_s", "final_loss", "curves")} for n in OURS},
+        "builds": {n: {k: builds[n][k] for k in ("build_s", "stages_s", "final_loss", "curves")} for n in built},
         "timings": {**timings, "ingest_s": builds["ingest_s"], "map_s": map_s, "pca_knn_fit_s": fit_s,
                     "pca_knn_map_s": base_map_s},
         "run": run_info(started, load_start),
@@ -505,6 +580,64 @@ def summary(r: dict) -> list[str]:
     return out
 
 
+def cvqvae_defaults() -> str:
+    """``atlas build``'s CVQVAE settings in words (what the task's CVQVAE builds leave out)."""
+    from atlas.data.dataset import StreamConfig
+    from atlas.models import CVQVAEConfig
+    from atlas.train.config import TrainConfig, default_single_domain
+
+    c, d, t = CVQVAEConfig(), StreamConfig(), TrainConfig()
+    single = "single-library" if default_single_domain(c) else "mixed"
+    return (f"batch {d.batch_size} {single} minibatches, lr {t.lr:g} with a cosine schedule, PCA/LSI views of "
+            f"{c.view_components} components (first LSI component dropped), MLP {'-'.join(map(str, c.hidden))}, "
+            f"latent {c.latent_dim}, codebook {c.codebook_size}, EMA {c.decay}, β {c.beta}, "
+            f"λ {'/'.join(f'{x:g}' for x in c.lambdas)}, self-reconstruction weight {c.self_weight:g}, "
+            f"per-library normalisation: {c.domain_norm}")
+
+
+def _mean_sd(values: list[float]) -> str:
+    v = np.asarray(values, dtype=float)
+    return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else fmt(float(v.mean()))
+
+
+def mixing_and_seeds(r: dict) -> list[str]:
+    """The paper's modality-mixing protocol and the VQ ablation over training seeds."""
+    from atlas.evaluate.integration import BATCH, BIO
+
+    mix, seeds = r["mixing"], r["seeds"]
+    level = LEVELS[0]
+    joint = r["integration"][level]
+    metrics = ["overall", "bio", "batch", *BIO, *BATCH]
+    lines = [f"## Modality mixing (the paper's protocol): RNA-view and ATAC-view embeddings stacked, batch = modality, "
+             f"labels `{level}`", "",
+             *table([[n, *[mix[n][m] for m in metrics]] for n in mix], ["embedding", *metrics]), "",
+             "Each reference cell twice: once embedded from its RNA alone, once from its ATAC alone (its library's "
+             "own normalisation statistics); the baseline stacks the PCA of the RNA and the LSI of the ATAC (16-d "
+             "each), two unrelated spaces. `pcr_comparison` is against that baseline.", "",
+             f"## The VQ ablation over training seeds {', '.join(map(str, seeds))} (mean ± sd; labels `{level}`)", ""]
+    rows = []
+    for name in ("CVQVAE atlas", "CVAE (no VQ)"):
+        names = [seed_name(name, sd) for sd in seeds]
+        rows.append([name, _mean_sd([joint[n]["overall"] for n in names if n in joint]),
+                     _mean_sd([joint[n]["bio"] for n in names if n in joint]),
+                     _mean_sd([joint[n]["batch"] for n in names if n in joint]),
+                     _mean_sd([mix[n]["overall"] for n in names if n in mix]),
+                     _mean_sd([mix[n]["batch"] for n in names if n in mix])])
+    lines += table(rows, ["model", "joint overall", "joint bio", "joint batch", "mixing overall", "mixing batch"])
+    diffs = {}
+    for protocol, source in (("joint", joint), ("mixing", mix)):
+        a = np.array([source[seed_name("CVQVAE atlas", sd)]["overall"] for sd in seeds
+                      if seed_name("CVQVAE atlas", sd) in source])
+        b = np.array([source[seed_name("CVAE (no VQ)", sd)]["overall"] for sd in seeds
+                      if seed_name("CVAE (no VQ)", sd) in source])
+        if len(a) and len(b):
+            sd = max(a.std(ddof=1) if len(a) > 1 else 0.0, b.std(ddof=1) if len(b) > 1 else 0.0)
+            diffs[protocol] = (a.mean() - b.mean(), sd)
+    lines += [""] + [f"- {p}: CVQVAE − CVAE = {d:+.3f} (larger sd {sd:.3f}; " +
+                     ("more than 2 sd" if sd and abs(d) > 2 * sd else "within 2 sd") + ")" for p, (d, sd) in diffs.items()]
+    return lines + [""]
+
+
 def markdown(r: dict) -> str:
     from atlas.evaluate.integration import BATCH, BIO, EXTRA
 
@@ -536,6 +669,8 @@ def markdown(r: dict) -> str:
               "encoders' pre-quantisation latents (16-d); Concerto RNA+ATAC = the sum of the two modality outputs "
               "(128-d); Concerto RNA = the RNA teacher (128-d). Label `Mis` (1,119 cells in the full file) is kept as "
               "a class, as the study annotated it.", ""]
+
+    lines += mixing_and_seeds(r)
 
     a = r["atac"]
     any_atac = next(iter(a.values()))
@@ -587,9 +722,8 @@ def markdown(r: dict) -> str:
               "the workers got unequal numbers of minibatches; fixed in atlas/train/loop.py, the codebook's "
               "collectives stay local in the uneven tail.) Torch and BLAS: 1 thread per process (2 threads per "
               "process on this shared 2-core machine oversubscribed it: scVI ran ~10x slower).",
-              f"- CVQVAE and CVAE: {s['cvqvae_epochs']} epochs, batch 256, lr 1e-3, cosine schedule, model defaults "
-              "(PCA/LSI views 128 components, first LSI component dropped, MLP 512-256-128, latent 16, codebook 512, "
-              "EMA 0.99, β 0.25, λ 1/1/10); the CVAE differs only in `quantize: false`. The paper trains 200 epochs "
+              f"- CVQVAE and CVAE: {s['cvqvae_epochs']} epochs and `atlas build`'s CVQVAE defaults "
+              f"({cvqvae_defaults()}); the CVAE differs only in `quantize: false`. The paper trains 200 epochs "
               "of batch 1,024 on 40k cells (~8k steps); here ~32 steps per epoch.",
               f"- Concerto (both): {s['concerto_epochs']} epochs, batch 64 single-domain minibatches "
               "(domain BN over the 12 libraries), lr 1e-3 with polynomial decay, embed 128, dropout 0.1.",

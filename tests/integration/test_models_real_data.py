@@ -113,7 +113,10 @@ def _train_cvqvae(quantize: bool, r, a, ref_batch, ref_idx, **config):
 
 CVQ_EPOCHS = 8
 # A short run: re-seed codes unused for ~120 steps (dead_threshold 0.3) instead of ~230 (0.1).
-CVQ_CONFIG = dict(view_components=64, hidden=(256, 128), codebook_size=128, dead_threshold=0.3)
+# The published objective (cross reconstruction only, one set of BatchNorm statistics), as this
+# test's thresholds were set on it; the defaults' options are validated in benchmarks/validate_cvqvae.py.
+CVQ_CONFIG = dict(view_components=64, hidden=(256, 128), codebook_size=128, dead_threshold=0.3,
+                  self_weight=0.0, domain_norm="none")
 
 
 def test_cvqvae_vs_cvae_on_snareseq(dataset):

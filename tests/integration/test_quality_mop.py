@@ -86,6 +86,7 @@ def test_report_says_where_ours_loses_and_by_how_much():
         "settings": {"quick": False, "workers": 1, "cvqvae_epochs": 2, "concerto_epochs": 1, "scvi_epochs": 3,
                      "scvi_default_epochs": 400},
         "integration": {"cell_type_coarse": integration}, "atac": atac, "labels": labels,
+        "mixing": {n: {m: 0.4 for m in metrics} for n in [*mop.MIXING, "PCA (RNA) + LSI (ATAC)"]}, "seeds": [0],
         "builds": {n: build for n in mop.OURS},
         "timings": {"ingest_s": 1.0, "pca_s": 1.0, "harmony_s": 1.0, "scvi_s": 1.0, "scib_cell_type_coarse_s": 1.0,
                     "map_s": {"CVQVAE atlas": 1.0}, "pca_knn_fit_s": 1.0, "pca_knn_map_s": 1.0},
@@ -96,3 +97,5 @@ def test_report_says_where_ours_loses_and_by_how_much():
     assert "overall (cell_type_coarse), CVQVAE atlas: 0.600 — **loses** to Harmony by 0.100." in text
     assert "per-peak r mean, CVQVAE decoder: 0.100 — **loses** to PCA + kNN by 0.050." in text
     assert "VQ ablation (cell_type_coarse): CVQVAE − CVAE overall = +0.100" in text
+    assert "- joint: CVQVAE − CVAE = +0.100 (larger sd 0.000; within 2 sd)" in text
+    assert "## Modality mixing" in text and "self-reconstruction weight" in text

@@ -80,3 +80,22 @@ def test_cli_build_with_a_bad_config_prints_one_line_and_exits_2(tmp_path):
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
         assert "Traceback" not in done.stderr
+
+
+def test_model_dependent_defaults_are_resolved_and_kept_when_given():
+    from atlas.train.config import DEFAULT_EPOCHS
+
+    cvq = build_config_from_dict({**MINIMAL, "model": {"model": "cvqvae", "modalities": ["RNA", "ATAC"]}})
+    assert cvq.train.epochs == DEFAULT_EPOCHS["cvqvae"]
+    assert cvq.data.single_domain is (cvq.model.domain_norm != "none")
+    concerto = build_config_from_dict(MINIMAL)
+    assert concerto.train.epochs == DEFAULT_EPOCHS["concerto"] and concerto.data.single_domain is False
+    # What a config says wins, and the resolved values round-trip (the manifest stores them).
+    given = build_config_from_dict({**MINIMAL, "model": {"model": "cvqvae", "modalities": ["RNA", "ATAC"],
+                                                         "domain_norm": "encoders"},
+                                    "train": {"epochs": 7}, "data": {"single_domain": False}})
+    assert given.train.epochs == 7 and given.data.single_domain is False
+    assert build_config_from_dict(given.to_dict()) == given
+    shared = build_config_from_dict({**MINIMAL, "model": {"model": "cvqvae", "modalities": ["RNA", "ATAC"],
+                                                          "domain_norm": "none"}})
+    assert shared.data.single_domain is False
