@@ -114,9 +114,10 @@ class IndexSection:
     held-out reference cells, patients, studies and batches (``benchmarks/validate_embedding.py``)."""
 
 
-#: Epochs of a build that does not say (``train.epochs``), per model. Concerto: the top of the
-#: paper's 3–5 at the scale of the demo. CVQVAE: chosen on held-out libraries of MOp's
-#: reference (``benchmarks/validate_cvqvae.py``).
+#: Epochs of a build that does not say (``train.epochs``), per model. Concerto: 3, the bottom of
+#: the paper's 3–5 (what builds used before this table existed). CVQVAE: 50, the budget its
+#: options were validated at on held-out libraries of MOp's reference
+#: (``benchmarks/validate_cvqvae.py``; the paper trains 200).
 DEFAULT_EPOCHS = {"concerto": 3, "cvqvae": 50}
 
 
