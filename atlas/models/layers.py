@@ -486,11 +486,10 @@ class SkipMLP(nn.Module):
             # gradients healthy in deeper stacks (identity when the width does not change).
             self.skips.append(nn.Identity() if a == b else nn.Linear(a, b, bias=False))
         self.out = nn.Linear(dims[-1], out_dim)
+        self.per_domain = n_domains > 0
 
     def forward(self, x: torch.Tensor, domain: torch.Tensor | None = None) -> torch.Tensor:
-        per_domain = self.input_norm is not None or any(
-            isinstance(layer, DomainBatchNorm1d) for block in self.blocks for layer in block)
-        if per_domain and domain is None:
+        if self.per_domain and domain is None:
             raise ValueError("this network normalises per domain: pass each row's domain")
         if self.input_norm is not None:
             x = self.input_norm(x, domain)
