@@ -31,6 +31,7 @@ import pandas as pd
 
 from quality_tasks import peers
 from quality_tasks.common import data_file, fmt, run_info, say, table, write_results
+from quality_tasks.mop import raw_views
 
 RNA_FILE, ATAC_FILE = "neurips21_bmmc_multiome_starter_rna.h5ad", "neurips21_bmmc_multiome_starter_atac.h5ad"
 LABEL, BATCH, PHASE, PSEUDOTIME = "cell_type", "batch", "phase", "pseudotime_order_GEX"
@@ -78,9 +79,8 @@ def train_cvqvae(r, a, domain: np.ndarray, *, quantize: bool, seed: int, epochs:
 def run(out: Path, *, quick: bool = False) -> dict:
     import torch
 
-    from atlas.data.batches import csr_to_batch
     from atlas.evaluate.integration import integration_scores, pre_integration_pca, six_metric_scores
-    from atlas.models.views import LSIView, PCAView, lognorm_counts
+    from atlas.models.views import lognorm_counts
     from atlas.train.config import default_epochs
 
     started, load_start = time.perf_counter(), list(os.getloadavg())
@@ -97,11 +97,7 @@ def run(out: Path, *, quick: bool = False) -> dict:
     say(f"BMMC multiome starter: {rna.n_obs} cells, {r.shape[1]} genes, {a.shape[1]} peaks; CVQVAE {epochs} epochs, "
         f"batch {BATCH_SIZE}, seeds {list(SEEDS)}")
     pre = pre_integration_pca(lognorm_counts(r).toarray())
-    batch = csr_to_batch({"RNA": r, "ATAC": a})
-    with torch.no_grad():
-        x_rna = PCAView(r.shape[1], 16).fit(r)(batch["RNA_ids"], batch["RNA_values"], batch["RNA_mask"]).numpy()
-        x_atac = LSIView(a.shape[1], 16).fit(a)(batch["ATAC_ids"], batch["ATAC_values"], batch["ATAC_mask"]).numpy()
-    pre_mix = np.vstack([x_rna, x_atac])
+    pre_mix = raw_views(rna, atac)
     twice = np.concatenate([labels, labels])
     modality = np.repeat(["RNA", "ATAC"], rna.n_obs)
     mix_phase, mix_pt, mix_pre = np.concatenate([phase, phase]), np.concatenate([pseudotime, pseudotime]), pre_mix
