@@ -27,7 +27,7 @@ def table_to_batch(table: pa.Table, modalities: tuple[str, ...]) -> dict[str, to
         ids_column, values_column = csr_columns(m)
         indptr, indices = list_column_csr(table.column(ids_column))
         _, values = list_column_csr(table.column(values_column))
-        ids, vals, mask = pad_rows(indptr, indices.astype(np.int64), values)
+        ids, vals, mask = pad_rows(indptr, indices, values)
         k_ids, k_values, k_mask = modality_keys(m)
         batch[k_ids] = torch.from_numpy(ids)
         batch[k_values] = torch.from_numpy(vals)
