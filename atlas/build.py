@@ -28,6 +28,7 @@ from atlas.data.arrow import list_column_csr
 from atlas.data.dataset import build_plan, make_dataset, vocabulary_sizes
 from atlas.data.plan import ReadPlan
 from atlas.data.reader import open_experiment
+from atlas.data.snapshot import default_location
 from atlas.embed import embed_dataset, iter_embeddings, recalibrate
 from atlas.index.profile_space import FIT_CELLS, ProfileSpace
 from atlas.index.shards import build_hierarchy
@@ -85,6 +86,10 @@ def preflight(build: BuildConfig, uri: str, *, writes_store: bool) -> None:
     if build.index.label_space == "profiles" and not (build.index.profile_space and "RNA" in build.model.modalities):
         raise ConfigError("index.label_space: profiles needs a profile space: index.profile_space > 0 and RNA "
                           "among model.modalities")
+    if build.data.snapshot and build.data.snapshot_dir is None and default_location(uri) is None:
+        raise ConfigError(f"data.snapshot: the store {uri} is not a local atlas store folder, so there is no "
+                          "default place for the training snapshot; give data.snapshot_dir (a local folder) "
+                          "or set data.snapshot: false")
     columns = set(exp.obs.schema.names)
     missing = [c for c in build.index.levels if c not in columns]
     if missing:
@@ -99,14 +104,15 @@ def preflight(build: BuildConfig, uri: str, *, writes_store: bool) -> None:
                           "into a new store version; fix the permissions or build from a copy")
 
 
-def _training_plan(build: BuildConfig, uri: str) -> ReadPlan:
+def _training_plan(build: BuildConfig, uri: str, log: Callable[[str], None] = print) -> ReadPlan:
     # Enough read blocks that the streaming split can balance every worker (≥ 8 blocks each).
     # Label heads learn from the index levels' labels: the cells carry their codes.
     levels = tuple(build.index.levels) if uses_labels(build) else ()
-    plan = build_plan(uri, build.data, label_levels=levels)
+    plan = build_plan(uri, build.data, label_levels=levels, log=lambda m: log(f"[build] {m}"))
     per_block = max(build.data.batch_size, math.ceil(plan.n_cells / (8 * build.scaling.num_workers)))
     if per_block < build.data.block_size:
-        plan = build_plan(uri, dataclasses.replace(build.data, block_size=per_block), label_levels=levels)
+        plan = build_plan(uri, dataclasses.replace(build.data, block_size=per_block), label_levels=levels,
+                          log=lambda m: log(f"[build] {m}"))
     return plan
 
 
@@ -195,7 +201,8 @@ def build_atlas(build: BuildConfig, *, resume: bool = False, overwrite: bool = F
     ray.data.DataContext.get_current().enable_progress_bars = False
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    plan = _training_plan(build, uri)
+    plan = _training_plan(build, uri, log)
+    seconds["plan"] = time.perf_counter() - t0  # with data.snapshot: includes writing it the first time
     vocab_sizes = vocabulary_sizes(uri, modalities)
     log(f"[build] store {build.store} version {version.version if version else '-'}: "
         f"{plan.n_cells:,} cells, {len(plan.domain_names)} domains, modalities {list(modalities)}, "

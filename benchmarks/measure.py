@@ -29,14 +29,16 @@ def tree_pss(proc: Any) -> tuple[int, int]:
     return total, largest
 
 
-def run_measured(script: str, args: list[str], every: float = 0.5) -> tuple[Any, dict[str, float]]:
-    """Run ``python script *args``; returns (its last stdout line parsed as JSON, measurements:
+def run_measured(script: str, args: list[str], every: float = 0.5,
+                 python: str | None = None) -> tuple[Any, dict[str, float]]:
+    """Run ``python script *args`` (``python``: another interpreter, e.g. a peer's own
+    environment); returns (its last stdout line parsed as JSON, measurements:
     ``peak_pss_mb``, ``largest_process_mb``, ``mean_load`` — the 1-min load average during the
     run, since other users' work slows every setting). Reading smaps costs CPU (more for Ray's
     many processes), so sampling stays sparse."""
     import psutil
 
-    proc = subprocess.Popen([sys.executable, script, *args], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([python or sys.executable, script, *args], stdout=subprocess.PIPE, text=True)
     ps = psutil.Process(proc.pid)
     peak = largest = 0
     loads: list[float] = []

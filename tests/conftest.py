@@ -79,3 +79,14 @@ def tiny_atlas(dataset, tmp_path_factory):
     from tests.tiny_atlas import PBMC, build_tiny_atlas
 
     return build_tiny_atlas(dataset(PBMC), tmp_path_factory.mktemp("tiny_atlas"))
+
+
+@pytest.fixture(scope="module")
+def mop_store(dataset, tmp_path_factory):
+    """A store of the MOp SNARE-seq set (RNA + ATAC, 12 libraries as domains, coarse labels)."""
+    from atlas.store.ingest import ingest
+
+    store = tmp_path_factory.mktemp("stores") / "mop"
+    ingest(store, dataset("mop_snareseq_c1_rna.h5ad"), paired={"atac": dataset("mop_snareseq_c1_atac.h5ad")},
+           dataset_id="mop", batch_key="Batch", label_keys={"cell_type_coarse": "cell_type_coarse"}, species="mouse")
+    return store

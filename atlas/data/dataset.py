@@ -12,8 +12,9 @@ with :func:`iter_batches`: every cell reaches exactly one worker once per epoch.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -30,9 +31,11 @@ from atlas.data.batches import idf_from_counts
 from atlas.data.collate import table_to_batch
 from atlas.data.plan import ReadPlan, plan_blocks
 from atlas.data.reader import open_experiment, output_schema, read_block, read_csr
+from atlas.data.snapshot import default_location, ensure_snapshot, epoch_blocks, snapshot_plan
 from atlas.store.versions import current_version, is_store
 
 UNKNOWN_DOMAIN = -1
+_log = logging.getLogger(__name__)
 
 
 @with_config(ConfigDict(extra="forbid"))
@@ -67,10 +70,20 @@ class StreamConfig:
     seed: int = 0
     obs_filter: str | None = None
     """A SOMA value filter on obs selecting the cells (e.g. ``"dataset_id == 'pbmc10k'"``)."""
+    snapshot: bool = False
+    """Shuffled reads come from a preshuffled zarr snapshot of the selected cells
+    (:mod:`atlas.data.snapshot`), written on first use and reused while the store version and
+    the selection stand, instead of point reads of the store."""
+    snapshot_dir: str | None = None
+    """Where snapshots are written; None: ``STORE/snapshots/<version>`` (a local store)."""
+    snapshot_chunk_size: int = 512
+    """Consecutive snapshot rows kept together when an epoch is re-blocked (reads of a snapshot
+    cost little per range, so these can be smaller than ``shuffle_chunk_size``; 256 / 512 / 1,024
+    read at 81k / 114k / 135k cells/s per process on the 33k-gene loader benchmark)."""
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.block_size < 1:
-            raise ValueError("batch_size and block_size must be positive")
+        if self.batch_size < 1 or self.block_size < 1 or self.snapshot_chunk_size < 1:
+            raise ValueError("batch_size, block_size and snapshot_chunk_size must be positive")
 
 
 def resolve_uri(store: str | os.PathLike) -> str:
@@ -154,9 +167,12 @@ def build_plan(
     domain_names: Sequence[str] | None = None,
     idf: dict | None = None,
     label_levels: Sequence[str] = (),
+    log: Callable[[str], None] | None = None,
 ) -> ReadPlan:
     """Plan the read of the selected cells of a store (its current version, pinned); with
-    ``label_levels`` every cell also carries its label codes of those obs columns."""
+    ``label_levels`` every cell also carries its label codes of those obs columns. With
+    ``config.snapshot`` (and shuffling) the plan reads a training snapshot, written first if
+    needed (``log`` gets its progress)."""
     uri = resolve_uri(store)
     exp = open_experiment(uri)
     missing = [m for m in config.modalities if m not in exp.ms]
@@ -183,7 +199,7 @@ def build_plan(
     for m in config.modalities:
         if config.normalization.get(m) == "tfidf" and m not in idf:
             idf[m] = fit_store_idf(uri, m, ids)
-    return ReadPlan(
+    plan = ReadPlan(
         uri=uri,
         modalities=tuple(config.modalities),
         blocks=tuple(blocks),
@@ -199,6 +215,14 @@ def build_plan(
         label_levels=tuple(label_levels),
         label_classes=label_classes,
     )
+    if config.snapshot and config.shuffle:
+        location = config.snapshot_dir or default_location(uri)
+        if location is None:
+            raise ValueError(f"data.snapshot: {uri} is not a version of a local atlas store, so there is no "
+                             "default place for the training snapshot; give data.snapshot_dir")
+        path = ensure_snapshot(plan, location, log=log or _log.info)
+        plan = snapshot_plan(plan, path, block_size=block_size, chunk_size=config.snapshot_chunk_size)
+    return plan
 
 
 class SomaCellsDatasource(Datasource):
@@ -218,7 +242,11 @@ class SomaCellsDatasource(Datasource):
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list[ReadTask]:
         schema = output_schema(self._plan.modalities, len(self._plan.label_levels))
         blocks = list(self._plan.blocks)
-        if self._plan.shuffle:
+        if self._plan.snapshot is not None:
+            # A snapshot is read in contiguous runs, so each epoch re-blocks it from scratch:
+            # new chunks in every block, new cells in every minibatch.
+            blocks = epoch_blocks(self._plan, self._executions)
+        elif self._plan.shuffle:
             # Ray Data plans the read anew for every execution (epoch): give each a new task
             # order, seeded from the plan. (Ray's randomize_block_order would instead hold every
             # block of the epoch in the object store before emitting the first one.)
@@ -277,13 +305,15 @@ def iter_batches(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Minibatches of one epoch from a dataset or a Ray Train dataset shard.
 
-    Single-domain plans slice blocks (which never mix domains) into minibatches;
-    mixed plans rebatch rows through a local shuffle buffer seeded by ``seed + epoch``.
+    Single-domain plans slice blocks (which never mix domains) into minibatches, and so do
+    snapshot plans; other mixed plans rebatch rows through a local shuffle buffer seeded by
+    ``seed + epoch``.
     """
     collate = IndexValueCollate(plan.modalities, device)
-    if plan.single_domain:
+    if plan.single_domain or plan.snapshot is not None:
         # A block never spans read tasks, and a read task holds one domain: slicing blocks
-        # into minibatches keeps every minibatch single-domain.
+        # into minibatches keeps every minibatch single-domain. A snapshot block is already a
+        # shuffled sample of the whole selection: no local buffer needed either.
         for block in source.iter_batches(
             batch_size=None, batch_format="pyarrow", prefetch_batches=prefetch_batches
         ):

@@ -9,7 +9,8 @@ chunks of consecutive joinids (so a read touches few TileDB tiles), chunks are p
 (seeded), grouped into blocks, and cells are permuted inside each block. The consumer adds a
 local shuffle buffer across blocks. In *single-domain* mode chunks never mix domains, each
 block holds one domain, and read tasks emit minibatches of that domain only (Concerto's
-domain-specific normalisation needs them).
+domain-specific normalisation needs them). A plan over a training snapshot
+(:mod:`atlas.data.snapshot`) is re-blocked every epoch instead, from snapshot rows.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class ReadBlock:
     """Domain code of each cell (int32), aligned with ``joinids``."""
     labels: np.ndarray | None = None
     """Label code of each cell per label level (int32 [cells, levels], -1: no label), or None."""
+    rows: np.ndarray | None = None
+    """The cells' rows in the plan's training snapshot (:mod:`atlas.data.snapshot`), or None."""
 
     def __len__(self) -> int:
         return int(self.joinids.size)
@@ -69,6 +72,12 @@ class ReadPlan:
     """obs columns whose codes the blocks carry (supervised heads); empty: no labels read."""
     label_classes: tuple[tuple[str, ...], ...] = ()
     """Class name of each label code, per level."""
+    snapshot: str | None = None
+    """A training snapshot folder (:mod:`atlas.data.snapshot`) the blocks read instead of ``uri``."""
+    snapshot_chunk: int = 256
+    """Consecutive snapshot rows kept together when a snapshot plan is re-blocked each epoch."""
+    snapshot_block: int = 8192
+    """Cells per read block of a snapshot plan."""
 
     @property
     def n_cells(self) -> int:

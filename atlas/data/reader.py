@@ -19,6 +19,7 @@ import tiledbsoma
 
 from atlas.data.normalize import normalize_log1p, tfidf_log1p, top_k_per_row
 from atlas.data.plan import LABELS, ReadBlock, ReadPlan
+from atlas.data.snapshot import read_rows
 from atlas.names import csr_columns
 
 X_LAYER = "counts"
@@ -78,7 +79,11 @@ def _list_column(indptr: np.ndarray, values: np.ndarray, dtype: pa.DataType) -> 
 
 
 def read_block(plan: ReadPlan, block: ReadBlock) -> Iterator[pa.Table]:
-    """Read, normalise and emit one block; memory is bounded by the block, not the store."""
+    """Read, normalise and emit one block; memory is bounded by the block, not the store. A
+    snapshot plan's blocks read their rows of the training snapshot, already normalised."""
+    rows = block.rows
+    if plan.snapshot is not None and rows is None:
+        raise ValueError("a snapshot plan's block carries no snapshot rows")
     columns: dict[str, pa.Array] = {
         "soma_joinid": pa.array(block.joinids, type=pa.int64()),
         "domain": pa.array(block.domains, type=pa.int32()),
@@ -89,13 +94,16 @@ def read_block(plan: ReadPlan, block: ReadBlock) -> Iterator[pa.Table]:
         columns[LABELS] = pa.FixedSizeListArray.from_arrays(
             pa.array(block.labels.reshape(-1), type=pa.int32()), len(plan.label_levels))
     for modality in plan.modalities:
-        csr = read_csr(plan.uri, modality, block.joinids)
-        indptr, indices, values = transform(
-            csr,
-            plan.normalization.get(modality, "log1p"),
-            plan.idf.get(modality),
-            plan.max_features,
-        )
+        if plan.snapshot is not None and rows is not None:
+            indptr, indices, values = read_rows(plan.snapshot, modality, rows)
+        else:
+            csr = read_csr(plan.uri, modality, block.joinids)
+            indptr, indices, values = transform(
+                csr,
+                plan.normalization.get(modality, "log1p"),
+                plan.idf.get(modality),
+                plan.max_features,
+            )
         ids_column, values_column = csr_columns(modality)
         columns[ids_column] = _list_column(indptr, indices, pa.int32())
         columns[values_column] = _list_column(indptr, values, pa.float32())

@@ -72,7 +72,8 @@ def concerto_build(pbmc, tmp_path_factory):
     _init_local_ray()
     store, _ = pbmc
     tmp = tmp_path_factory.mktemp("concerto")
-    return build_atlas(_concerto_config(store, tmp / "artifact", tmp))
+    # Trained from the training snapshot (the other builds here read the store directly).
+    return build_atlas(_concerto_config(store, tmp / "artifact", tmp, data={"snapshot": True}))
 
 
 def test_two_worker_concerto_build_produces_a_verified_artifact(pbmc, concerto_build):
@@ -88,6 +89,8 @@ def test_two_worker_concerto_build_produces_a_verified_artifact(pbmc, concerto_b
     history = manifest["extra"]["history"]
     assert len(history["worker_nodes"]) == 2
     assert history["epochs"][0]["cells"] == n  # every cell once in the epoch, over both workers
+    assert manifest["build_config"]["data"]["snapshot"] is True
+    assert len([p for p in (store / "snapshots").iterdir() if not p.name.startswith(".")]) == 1
 
     # Coarse index over every cell + one fine shard per level-1 group.
     groups = {g for g in cells.obs["cell_type_l1"].astype(str).unique() if g not in ("", "nan")}

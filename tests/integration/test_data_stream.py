@@ -18,20 +18,11 @@ from atlas.data.dataset import (
     vocabulary_sizes,
 )
 from atlas.data.reader import open_experiment
-from atlas.store.ingest import ingest
 
 pytestmark = [pytest.mark.real_data, pytest.mark.ray]
 
 MOP_RNA = "mop_snareseq_c1_rna.h5ad"
 MOP_ATAC = "mop_snareseq_c1_atac.h5ad"
-
-
-@pytest.fixture(scope="module")
-def mop_store(dataset, tmp_path_factory):
-    store = tmp_path_factory.mktemp("stores") / "mop"
-    ingest(store, dataset(MOP_RNA), paired={"atac": dataset(MOP_ATAC)}, dataset_id="mop",
-           batch_key="Batch", label_keys={"cell_type_coarse": "cell_type_coarse"}, species="mouse")
-    return store
 
 
 def _expected(path: Path, cells: list[str], vocabulary: list[str]) -> sp.csr_matrix:
@@ -100,12 +91,13 @@ def test_single_domain_minibatches(mop_store, ray_local):
     assert seen.size == np.unique(seen).size == 10_309
 
 
-def test_each_cell_exactly_once_per_epoch_across_two_train_workers(mop_store, ray_local, tmp_path):
+@pytest.mark.parametrize("snapshot", [False, True])
+def test_each_cell_exactly_once_per_epoch_across_two_train_workers(mop_store, ray_local, tmp_path, snapshot):
     import ray.train
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    config = StreamConfig(modalities=("RNA",), batch_size=100, block_size=777)
+    config = StreamConfig(modalities=("RNA",), batch_size=100, block_size=777, snapshot=snapshot)
     plan = build_plan(mop_store, config)
     out = tmp_path / "seen"
     out.mkdir()
@@ -127,11 +119,14 @@ def test_each_cell_exactly_once_per_epoch_across_two_train_workers(mop_store, ra
         run_config=RunConfig(name="exactly-once", storage_path=str(tmp_path / "runs")),
     )
     trainer.fit()
+    orders = []
     for epoch in range(2):
         per_rank = [json.loads((out / f"epoch{epoch}_rank{r}.json").read_text()) for r in range(2)]
         assert all(len(ids) > 0 for ids in per_rank), "a worker got no cells"
         everything = per_rank[0] + per_rank[1]
         assert len(everything) == len(set(everything)) == 10_309
+        orders.append(per_rank[0])
+    assert orders[0] != orders[1], "both epochs came in the same order"
 
 
 def test_tfidf_is_fitted_on_the_store_and_matches_the_formula(mop_store, dataset):
