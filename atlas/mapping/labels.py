@@ -19,7 +19,7 @@ import pandas as pd
 
 from atlas.mapping.confidence import neighbour_similarity, relative_similarity
 from atlas.mapping.heads import Heads
-from atlas.mapping.search import Hits, Searcher
+from atlas.mapping.search import Hits, Searcher, SearchRequest, search_all
 from atlas.mapping.vote import weighted_vote
 from atlas.names import UNKNOWN, confidence_key, level_keys, pred_key, unknown_key
 
@@ -108,14 +108,14 @@ def assign_labels(emb: np.ndarray, has_data: np.ndarray, searcher: Searcher, lay
         pred = np.full(n, "", dtype=object)
         conf = np.zeros(n, np.float32)
         routed = node_of != None  # noqa: E711
-        for node_name in pd.unique(node_of[routed]):
-            rows = np.flatnonzero(node_of == node_name)
-            if depth == 0:
-                hits = coarse
-            else:
-                node = layout.node(node_name)
-                hits = searcher.search(node.shards, emb[rows], k_fine,
-                                       exclude=None if exclude is None else exclude[rows])
+        groups = [np.flatnonzero(node_of == name) for name in pd.unique(node_of[routed])]
+        if depth == 0:
+            found = [coarse if rows.size == n else coarse.rows(rows) for rows in groups]
+        else:  # every node's search at once: the service's shard replicas answer them in parallel
+            found = search_all(searcher, [
+                SearchRequest(layout.node(node_of[rows[0]]).shards, emb[rows], k_fine,
+                              exclude=None if exclude is None else exclude[rows]) for rows in groups])
+        for rows, hits in zip(groups, found):
             p, c = weighted_vote(hits.labels[level], hits.similarity, positions=hits.position,
                                  label_weight=balance.get(level))
             pred[rows], conf[rows] = p, c

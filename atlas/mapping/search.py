@@ -10,6 +10,7 @@ A *searcher* answers two questions for the mapper (:class:`LocalSearcher` reads 
 handles):
 
 * ``search(shard_names, queries, k, exclude=None, space="embedding") -> Hits``
+  (optionally ``search_many(requests) -> [Hits]``, several searches at once: :func:`search_all`)
 * ``profile_sums(shard_name, modality, positions, weights=None) -> (features, sums [m, f], counts [m])``
 
 ``space="profiles"`` searches the root shards' second index, over profile-space vectors
@@ -144,6 +145,17 @@ def shard_profile_sums(shard: Any, modality: str, positions: np.ndarray, weights
     return list(features), sums, counts.astype(np.float64)
 
 
+@dataclass(frozen=True)
+class SearchRequest:
+    """One :meth:`Searcher.search` call, for :func:`search_all`."""
+
+    shard_names: Sequence[str]
+    queries: np.ndarray
+    k: int
+    exclude: np.ndarray | None = None
+    space: str = "embedding"
+
+
 class Searcher(Protocol):
     """Where the mapper's neighbours come from (local shards or Serve shard deployments)."""
 
@@ -152,6 +164,15 @@ class Searcher(Protocol):
 
     def profile_sums(self, shard_name: str, modality: str, positions: np.ndarray,
                      weights: np.ndarray | None = None) -> tuple[list[str], np.ndarray, np.ndarray]: ...
+
+
+def search_all(searcher: Searcher, requests: Sequence[SearchRequest]) -> list[Hits]:
+    """Every request's hits, in order — at once where the searcher can (``search_many``: Serve
+    shard deployments answer them in parallel), else one after another."""
+    many = getattr(searcher, "search_many", None)
+    if many is not None:
+        return list(many(requests))
+    return [searcher.search(r.shard_names, r.queries, r.k, exclude=r.exclude, space=r.space) for r in requests]
 
 
 class ShardFolder:

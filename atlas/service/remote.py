@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from atlas.mapping.search import Hits, merge_hits
+from atlas.mapping.search import Hits, SearchRequest, merge_hits
 
 log = logging.getLogger("ray.serve")
 
@@ -124,13 +124,24 @@ class ServeSearcher:
 
     def search(self, shard_names: Sequence[str], queries: np.ndarray, k: int,
                exclude: np.ndarray | None = None, space: str = "embedding") -> Hits:
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        senders = [
-            (lambda h=self._handle(name), name=name: h.search.remote(queries, k, exclude, space, name))
-            for name in shard_names
-        ]
-        parts = gather(f"index shard(s) {list(shard_names)}", senders, self.policy)
-        return merge_hits(parts, k)
+        return self.search_many([SearchRequest(shard_names, queries, k, exclude, space)])[0]
+
+    def search_many(self, requests: Sequence[SearchRequest]) -> list[Hits]:
+        """Several searches sent at once (e.g. every fine node a request's cells were routed to):
+        one round trip of waiting instead of one per node."""
+        senders: list[Callable[[], Any]] = []
+        spans: list[tuple[int, int]] = []
+        for r in requests:
+            queries = np.ascontiguousarray(r.queries, dtype=np.float32)
+            spans.append((len(senders), len(r.shard_names)))
+            senders += [self._search_sender(name, queries, r) for name in r.shard_names]
+        names = list(dict.fromkeys(name for r in requests for name in r.shard_names))
+        parts = gather(f"index shard(s) {names}", senders, self.policy)
+        return [merge_hits(parts[start:start + n], r.k) for (start, n), r in zip(spans, requests)]
+
+    def _search_sender(self, name: str, queries: np.ndarray, request: SearchRequest) -> Callable[[], Any]:
+        handle = self._handle(name)
+        return lambda: handle.search.remote(queries, request.k, request.exclude, request.space, name)
 
     def profile_sums(self, shard_name: str, modality: str, positions: np.ndarray,
                      weights: np.ndarray | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:

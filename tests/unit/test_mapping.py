@@ -404,3 +404,40 @@ def test_an_atlas_that_votes_in_its_profile_space(tiny_atlas, tmp_path):
                                   by_embedding.obsm["atlas_neighbors_soma_joinid"])
     assert list(lacking.obs["cell_type_l1_pred"]) == list(by_embedding.obs["cell_type_l1_pred"])
     assert list(lacking.obs["cell_type_l2_pred"]) == list(by_embedding.obs["cell_type_l2_pred"])
+
+
+def test_fine_searches_go_out_together_where_the_searcher_can_and_vote_the_same():
+    """The service answers every fine node's search in one round (``search_many``); the labels
+    must be those of one search per node."""
+    from atlas.index.shards import build_hierarchy
+    from atlas.mapping.labels import assign_labels
+    from atlas.mapping.search import LocalSearcher, search_all
+
+    rng = np.random.default_rng(1)
+    truth = rng.integers(0, 6, 300)  # six level-2 types, two per level-1 type
+    emb = (rng.normal(size=(6, 8))[truth] * 4 + rng.normal(size=(300, 8))).astype(np.float32)
+    labels = {"l1": np.array(list("AABBCC"))[truth], "l2": np.array(["A1", "A2", "B1", "B2", "C1", "C2"])[truth]}
+    layout = build_hierarchy(emb, np.arange(300), labels, ["l1", "l2"], None, np.full(300, "d"), use_gpu=False)
+
+    class InMemory:
+        def shard(self, name, **_):
+            return layout.shards[name]
+
+    searcher = LocalSearcher(InMemory())
+
+    class Batching(LocalSearcher):
+        def __init__(self, inner):
+            super().__init__(inner.atlas)
+            self.rounds: list[int] = []
+
+        def search_many(self, requests):
+            self.rounds.append(len(requests))
+            return [self.search(r.shard_names, r.queries, r.k, r.exclude, r.space) for r in requests]
+
+    batching = Batching(searcher)
+    levels = list(layout.levels)
+    one_by_one, _ = assign_labels(emb, np.ones(len(emb), bool), searcher, layout, levels)
+    together, _ = assign_labels(emb, np.ones(len(emb), bool), batching, layout, levels)
+    pd.testing.assert_frame_equal(one_by_one, together)
+    assert batching.rounds and max(batching.rounds) > 1, "the fine nodes were searched one call at a time"
+    assert search_all(searcher, []) == []
