@@ -126,13 +126,13 @@ def baseline_views(r_fit, a_fit, r_val, a_val):
     return x_rna, x_atac
 
 
-def train_variant(name: str, seed: int, data: dict) -> dict:
+def train_variant(name: str, seed: int, data: dict, epochs: int | None = None) -> dict:
     from atlas.models import CVQVAEConfig, build_model
     from atlas.models.recalibrate import has_domain_normalisation, with_query_domains
     from atlas.train.step import fit_local, minibatches
 
     overrides, train_over = VARIANTS[name]
-    train = {**BASE_TRAIN, **train_over}
+    train = {**BASE_TRAIN, **train_over, **({"epochs": epochs} if epochs else {})}
     torch.manual_seed(seed)
     np.random.seed(seed)
     config = CVQVAEConfig(modalities=("RNA", "ATAC"), **overrides)
@@ -299,6 +299,9 @@ def main() -> None:
     parser.add_argument("--variants", default="published,no_vq,vq_dsbn_enc,no_vq_dsbn_enc")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", default="benchmarks/out/validate_cvqvae")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="train every chosen variant this many epochs (a budget that fits the machine; the "
+                             "run is recorded as VARIANT@Nep)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -313,12 +316,13 @@ def main() -> None:
     done = out / "runs.jsonl"
     if done.exists():
         results = [json.loads(line) for line in done.read_text().splitlines() if line.strip()]
-    for name in args.variants.split(","):
+    for variant in args.variants.split(","):
+        name = f"{variant}@{args.epochs}ep" if args.epochs else variant
         for seed in [int(s) for s in args.seeds.split(",")]:
             if any(r["variant"] == name and r["seed"] == seed for r in results):
                 continue
             say(f"{name} seed {seed}")
-            r = train_variant(name, seed, data)
+            r = {**train_variant(variant, seed, data, epochs=args.epochs), "variant": name}
             say(f"  joint {r['joint']['overall']:.3f} (bio {r['joint']['bio']:.3f}, batch {r['joint']['batch']:.3f}); "
                 f"mixing {r['mixing']['overall']:.3f}; ATAC cell r {r['atac_decoder']['cell_r_mean']:.3f} / "
                 f"+mean {r['atac_decoder_plus_mean']['cell_r_mean']:.3f}; labels {r['labels_paired']['acc']:.3f} / "
