@@ -104,6 +104,15 @@ def preflight(build: BuildConfig, uri: str, *, writes_store: bool) -> None:
                           "into a new store version; fix the permissions or build from a copy")
 
 
+def resolve_snapshot(snapshot: bool | None, *, use_gpu: bool, uri: str) -> bool:
+    """``data.snapshot`` None: train from a snapshot when training runs on GPUs (a GPU consumes
+    cells faster than point reads of the store deliver them; the CPU models do not) and the store
+    is a local folder (where the snapshot has its default place)."""
+    if snapshot is not None:
+        return bool(snapshot)
+    return use_gpu and default_location(uri) is not None
+
+
 def _training_plan(build: BuildConfig, uri: str, log: Callable[[str], None] = print) -> ReadPlan:
     # Enough read blocks that the streaming split can balance every worker (≥ 8 blocks each).
     # Label heads learn from the index levels' labels: the cells carry their codes.
@@ -199,6 +208,10 @@ def build_atlas(build: BuildConfig, *, resume: bool = False, overwrite: bool = F
     if not ray.is_initialized():
         init_local_ray(build.scaling.num_workers)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    if build.data.snapshot is None:  # resolved here, where the GPUs are known: the manifest says what ran
+        use_gpu = build.scaling.use_gpu if build.scaling.use_gpu is not None else cluster_has_gpus()
+        snapshot = resolve_snapshot(None, use_gpu=bool(use_gpu), uri=uri)
+        build = dataclasses.replace(build, data=dataclasses.replace(build.data, snapshot=snapshot))
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     plan = _training_plan(build, uri, log)

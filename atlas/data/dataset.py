@@ -70,12 +70,14 @@ class StreamConfig:
     seed: int = 0
     obs_filter: str | None = None
     """A SOMA value filter on obs selecting the cells (e.g. ``"dataset_id == 'pbmc10k'"``)."""
-    snapshot: bool = False
+    snapshot: bool | None = None
     """Shuffled reads come from a preshuffled zarr snapshot of the selected cells
-    (:mod:`atlas.data.snapshot`), written on first use and reused while the store version and
-    the selection stand, instead of point reads of the store."""
+    (:mod:`atlas.data.snapshot`), written on first use and reused while their counts and the
+    selection stand, instead of point reads of the store. None: a build resolves it
+    (:func:`atlas.build.resolve_snapshot`: on when training on GPUs from a local store); off
+    elsewhere."""
     snapshot_dir: str | None = None
-    """Where snapshots are written; None: ``STORE/snapshots/<version>`` (a local store)."""
+    """Where snapshots are written; None: ``STORE/snapshots`` (a local store)."""
     snapshot_chunk_size: int = 512
     """Consecutive snapshot rows kept together when an epoch is re-blocked (reads of a snapshot
     cost little per range, so these can be smaller than ``shuffle_chunk_size``; 256 / 512 / 1,024

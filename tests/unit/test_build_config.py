@@ -99,3 +99,17 @@ def test_model_dependent_defaults_are_resolved_and_kept_when_given():
     shared = build_config_from_dict({**MINIMAL, "model": {"model": "cvqvae", "modalities": ["RNA", "ATAC"],
                                                           "domain_norm": "none"}})
     assert shared.data.single_domain is False
+
+
+@pytest.mark.parametrize("given, use_gpu, uri, expected", [
+    (None, True, "/data/store/versions/v000003", True),     # GPUs and a local store: the snapshot
+    (None, False, "/data/store/versions/v000003", False),   # CPU training: the model is the bound
+    (None, True, "s3://bucket/store/versions/v000003", False),  # no default place for it
+    (None, True, "/data/some_experiment", False),           # not an atlas store's version
+    (True, False, "/data/store/versions/v000003", True),    # given: kept
+    (False, True, "/data/store/versions/v000003", False),
+])
+def test_the_training_snapshot_is_on_by_default_only_for_gpu_builds_of_local_stores(given, use_gpu, uri, expected):
+    from atlas.build import resolve_snapshot
+
+    assert resolve_snapshot(given, use_gpu=use_gpu, uri=uri) is expected
