@@ -18,7 +18,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from atlas.mapping.params import help_texts
+from atlas.mapping.params import K_COARSE, K_FINE, help_texts
 from atlas.names import level_of, pred_key
 
 _HELP = help_texts()
@@ -319,8 +319,8 @@ def map_cells(
     predict: Annotated[str | None, typer.Option(help=_HELP["predict"] + " Comma-separated.")] = None,
     predict_method: Annotated[str | None, typer.Option(help=_HELP["predict_method"] + " [default: knn]")] = None,
     thresholds: Annotated[str | None, typer.Option(help=_HELP["thresholds"] + " [default: calibrated]")] = None,
-    k_coarse: Annotated[str | None, typer.Option(help=_HELP["k_coarse"] + " [default: 25]")] = None,
-    k_fine: Annotated[str | None, typer.Option(help=_HELP["k_fine"] + " [default: 5]")] = None,
+    k_coarse: Annotated[str | None, typer.Option(help=_HELP["k_coarse"] + f" [default: {K_COARSE}]")] = None,
+    k_fine: Annotated[str | None, typer.Option(help=_HELP["k_fine"] + f" [default: {K_FINE}]")] = None,
     min_fraction: Annotated[str | None, typer.Option(help=_HELP["min_fraction"] + " [default: 0.5]")] = None,
     batch_key: Annotated[str | None, typer.Option(help=_HELP["batch_key"])] = None,
     batch: Annotated[str | None, typer.Option(help=_HELP["batch"])] = None,

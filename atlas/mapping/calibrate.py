@@ -24,6 +24,7 @@ import numpy as np
 
 from atlas.mapping.confidence import typical_similarity
 from atlas.mapping.labels import assign_labels
+from atlas.mapping.params import K_COARSE, K_FINE
 from atlas.mapping.search import Searcher
 from atlas.mapping.vote import balance_weights
 from atlas.names import UNKNOWN, confidence_key, pred_key
@@ -41,8 +42,8 @@ def calibrate_thresholds(
     *,
     rejection_rate: float = 0.05,
     max_cells: int = 5000,
-    k_coarse: int = 25,
-    k_fine: int = 5,
+    k_coarse: int = K_COARSE,
+    k_fine: int = K_FINE,
     seed: int = 0,
     heads: Any = None,
     vote_balance: float = 0.0,

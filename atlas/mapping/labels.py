@@ -19,6 +19,7 @@ import pandas as pd
 
 from atlas.mapping.confidence import neighbour_similarity, relative_similarity
 from atlas.mapping.heads import Heads
+from atlas.mapping.params import K_COARSE, K_FINE
 from atlas.mapping.search import Hits, Searcher, SearchRequest, search_all
 from atlas.mapping.vote import weighted_vote
 from atlas.names import UNKNOWN, confidence_key, level_keys, pred_key, unknown_key
@@ -34,7 +35,7 @@ def _threshold(thresholds: float | Mapping[str, float] | None, level: str) -> fl
 
 
 def assign_labels(emb: np.ndarray, has_data: np.ndarray, searcher: Searcher, layout: Any,
-                  levels: Sequence[str], *, k_coarse: int = 25, k_fine: int = 5,
+                  levels: Sequence[str], *, k_coarse: int = K_COARSE, k_fine: int = K_FINE,
                   thresholds: float | Mapping[str, float] | None = None,
                   exclude: np.ndarray | None = None, heads: Heads | None = None,
                   typical: Mapping[str, Any] | None = None,

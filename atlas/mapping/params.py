@@ -20,6 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from atlas.errors import MappingError
 
 PREDICT_METHODS = ("knn", "decoder", "both")
+K_COARSE = 25
+K_FINE = 25
+"""Neighbours per cell at level 1 and in a fine shard. The fine k was 5 until chosen on two
+reference-only validation splits (``benchmarks/validate_vote.py``): level-2 macro-F1 0.794 → 0.804
+(pbmc10k's reference split again 80/20) and 0.207 → 0.267 (liao2020, one reference patient mapped
+onto the other), accuracy up on both; level 1 does not depend on it."""
 DOMAIN_STATISTICS = ("input", "all", "reference")
 _CHOICES = {"predict_method": PREDICT_METHODS, "domain_statistics": DOMAIN_STATISTICS}
 
@@ -36,8 +42,9 @@ class MapParams(BaseModel):
     predict_method: str = Field("knn", description="knn (weighted mean of the k_coarse nearest reference cells "
                                                    "in the atlas's profile space, or in its embedding), decoder "
                                                    "(CVQVAE atlases) or both.")
-    k_coarse: int = Field(25, description="Neighbours per cell in the coarse index (level 1, modality prediction).")
-    k_fine: int = Field(5, description="Neighbours per cell in a fine shard (deeper levels).")
+    k_coarse: int = Field(K_COARSE, description="Neighbours per cell in the coarse index (level 1, modality "
+                                                "prediction).")
+    k_fine: int = Field(K_FINE, description="Neighbours per cell in a fine shard (deeper levels).")
     thresholds: str | float | dict[str, float] | None = Field(
         "calibrated", description="Unknown below this confidence: calibrated (the atlas's own), none, one number, "
                                   "or one per level (LEVEL=NUMBER,... on a command line).")

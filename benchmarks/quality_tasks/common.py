@@ -67,13 +67,15 @@ def build_atlas_from(out: Path, name: str, adata, *, ingest_kwargs: Mapping, con
 
 
 def map_with_atlas(artifact: str, query, levels: Sequence[str], **kwargs) -> tuple:
-    """``(mapped AnnData, map seconds)`` through ``atlas.map_query`` (k 25 / 5, no threshold)."""
+    """``(mapped AnnData, map seconds)`` through ``atlas.map_query`` (the default k_coarse / k_fine,
+    :data:`atlas.mapping.params.K_COARSE` / ``K_FINE``; no threshold)."""
     from atlas import load_atlas
+    from atlas.mapping.params import K_COARSE, K_FINE
     from atlas.mapping.query import map_query
 
     atlas = load_atlas(artifact)
     t = time.perf_counter()
-    mapped = map_query(query, atlas, levels=list(levels), k_coarse=25, k_fine=5,
+    mapped = map_query(query, atlas, levels=list(levels), k_coarse=K_COARSE, k_fine=K_FINE,
                        thresholds=kwargs.pop("thresholds", None), **kwargs)
     return mapped, time.perf_counter() - t
 

@@ -19,7 +19,7 @@
    1e4 + log1p scale the atlas stores and decodes ATAC on, and the measured query ATAC is
    normalised the same way.
 4. **Label transfer** of the RNA-only query (coarse, fine): the CVQVAE, CVAE and Concerto
-   RNA-only atlases (``map_query``, k = 25 / 5 hierarchical, no rejection) vs PCA + kNN.
+   RNA-only atlases (``map_query``, the default k = 25 / 25 hierarchical, no rejection) vs PCA + kNN.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from atlas.mapping.params import K_FINE
 from atlas.names import decoder_key, profile_key
 from quality_tasks import peers
 from quality_tasks.common import (
@@ -435,7 +436,7 @@ def _run(out: Path, *, quick: bool, workers: int, scvi_epochs: int, fine_integra
         atlas = load_atlas(builds[name]["artifact"])
         t = time.perf_counter()
         mapped[name] = map_query(query, atlas, levels=LEVELS, predict=["ATAC"], predict_method=method,
-                                 k_coarse=K, k_fine=5, thresholds=None)
+                                 k_coarse=K, k_fine=K_FINE, thresholds=None)
         map_s[name] = time.perf_counter() - t
         print(f"   {name}: map_query ({method}) {map_s[name]:.1f} s", flush=True)
     t = time.perf_counter()
@@ -486,7 +487,7 @@ def _run(out: Path, *, quick: bool, workers: int, scvi_epochs: int, fine_integra
         "settings": {"workers": workers, "cvqvae_epochs": cfg["cvqvae_epochs"],
                      "concerto_epochs": cfg["concerto_epochs"], "scvi_epochs": n_scvi,
                      "scvi_default_epochs": scvi_default_epochs(ref_rna.n_obs), "torch_threads": 1,
-                     "blas_threads": 1, "k_coarse": K, "k_fine": 5,
+                     "blas_threads": 1, "k_coarse": K, "k_fine": K_FINE,
                      "thresholds": None, "quick": quick,
                      "builds": {n: {k: v for k, v in c.items() if k in ("model", "data", "train", "scaling", "index")}
                                 for n, c in cfg["builds"].items()}},

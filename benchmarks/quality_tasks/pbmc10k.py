@@ -18,6 +18,7 @@ import mapping_quality as mq
 import numpy as np
 import pandas as pd
 
+from atlas.mapping.params import K_COARSE, K_FINE
 from atlas.names import confidence_key, profile_key
 from quality_tasks import peers
 from quality_tasks.common import (
@@ -124,7 +125,8 @@ def run(out: Path, *, epochs: int = 5, quick: bool = False) -> dict:
 
     result = {"task": "pbmc10k", "split": {"reference": int(reference.n_obs), "query": int(query.n_obs),
                                             "reference_without_cd8": int(unseen_ref.n_obs), "file": str(out / "split.csv")},
-              "settings": {"concerto_epochs": epochs, "peer_budget": budget.__dict__, "k_coarse": 25, "k_fine": 5,
+              "settings": {"concerto_epochs": epochs, "peer_budget": budget.__dict__,
+                           "k_coarse": K_COARSE, "k_fine": K_FINE,
                            "quick": quick},
               "scores": scores, "run": run_info(started, load_start)}
     write_results(out, result, markdown(result))
@@ -159,8 +161,9 @@ def markdown(r: dict) -> str:
              "RNA-only query cells)", "",
              *table([[c if c is not None else "—" for c in row] for row in rows], ["metric", *names]), "",
              f"Settings: Concerto {r['settings']['concerto_epochs']} epochs (batch 64, lr 1e-3, 2 Ray Train workers), "
-             "k = 25 / 5 hierarchical vote, no rejection threshold; PCA + kNN: PCA 50 on the reference, cosine kNN, "
-             f"same vote; scANVI: scVI {b['scvi_epochs']} epochs (scArches architecture, 30 latent, 2 layers; "
+             f"k = {r['settings']['k_coarse']} / {r['settings']['k_fine']} hierarchical vote, no rejection threshold; "
+             "PCA + kNN: PCA 50 on the reference, cosine kNN, k = 25 / 5, a plain similarity-weighted vote; "
+             f"scANVI: scVI {b['scvi_epochs']} epochs (scArches architecture, 30 latent, 2 layers; "
              f"scvi-tools' default would be 400 on this many cells), scANVI {b['scanvi_epochs']} epochs per level, "
              f"query surgery {b['query_epochs']} epochs; totalVI {b['totalvi_epochs']} epochs + surgery "
              f"{b['query_epochs']} epochs, proteins = 25-sample mean with the reference batch, r on log1p; "

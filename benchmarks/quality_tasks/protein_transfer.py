@@ -169,7 +169,7 @@ def markdown(r: dict) -> str:
                  "(one batch of the reference per training batch), lr 1e-3, 2 Ray Train workers; build = train + "
                  "embed + index + threshold calibration with Ray running (ingest "
                  f"{r['settings']['ingest_s']:.0f} s and Ray start {r['settings']['ray_start_s']:.0f} s not included); "
-                 "mapping = `map_query` (k 25 / 5, no rejection; \"Concerto atlas\": `batch_key` = the query's batches, "
+                 "mapping = `map_query` (k 25 / 25, no rejection; \"Concerto atlas\": `batch_key` = the query's batches, "
                  "input statistics per batch; \"all layers\": `domain_statistics=\"all\"`; \"no batch_key\": the "
                  "reference's statistics). PCA + kNN: 1e4 + log1p, scaled, PCA (≤ 50 "
                  "components), cosine kNN, the same hierarchical vote. CellTypist: SGD logistic regression per "
