@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from atlas.data.plan import LABELS, ReadBlock, ReadPlan, plan_blocks
+from atlas.errors import AtlasError
 from atlas.names import csr_columns
 
 FORMAT = 1
@@ -139,13 +140,19 @@ def ensure_snapshot(plan: ReadPlan, location: str | os.PathLike, *, seed: int = 
         if log:
             log(f"training snapshot: reusing {target}")
         return target
-    location.mkdir(parents=True, exist_ok=True)
+    try:
+        location.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _unwritable(location, e) from e
     for stale in location.glob(".writing-*"):  # left by a killed write (a live one is younger)
         if time.time() - stale.stat().st_mtime > STALE_WRITE_S:
             shutil.rmtree(stale, ignore_errors=True)
     staging = location / f".writing-{target.name}-{uuid.uuid4().hex[:8]}"
     try:
-        write_snapshot(plan, staging, seed=seed, log=log)
+        try:
+            write_snapshot(plan, staging, seed=seed, log=log)
+        except OSError as e:  # a full disk, a read-only folder: say where and what to do
+            raise _unwritable(location, e) from e
         try:
             os.rename(staging, target)
         except OSError:
@@ -155,6 +162,12 @@ def ensure_snapshot(plan: ReadPlan, location: str | os.PathLike, *, seed: int = 
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _unwritable(location: Path, error: OSError) -> AtlasError:
+    return AtlasError(f"could not write the training snapshot under {location} ({error.strerror or error}); free "
+                      "space there, give data.snapshot_dir another folder, or set data.snapshot: false to read "
+                      "the store directly")
 
 
 def write_snapshot(plan: ReadPlan, path: str | os.PathLike, *, seed: int = 0,

@@ -104,3 +104,13 @@ def test_ray_data_streams_single_domain_minibatches_from_a_snapshot(mop_store, r
             seen.append(batch["soma_joinid"].numpy())
         seen = np.concatenate(seen)
         assert seen.size == np.unique(seen).size == N_CELLS
+
+
+def test_a_snapshot_that_cannot_be_written_says_what_to_do(mop_store, tmp_path):
+    from atlas.errors import AtlasError
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    config = StreamConfig(modalities=("RNA",), snapshot=True, snapshot_dir=str(blocker / "snapshots"))
+    with pytest.raises(AtlasError, match="data.snapshot_dir another folder, or set data.snapshot: false"):
+        build_plan(mop_store, config)
