@@ -9,9 +9,9 @@ written to ``split.csv`` before anything else.
    single-domain batches, lr 1e-3, 2 Ray Train workers) with ``--epochs`` (default 5, the top of
    the paper's 3–5; chosen before looking at the query), protein profiles in the index, levels
    cell_type_l1 → cell_type_l2.
-2. **Query** — the 20% query's RNA only (proteins dropped) through ``map_query`` (k_coarse 25,
-   k_fine 5, no rejection threshold, so both methods answer every cell); label transfer on
-   annotated cells; protein prediction (mean of the 25 nearest reference cells) against the
+2. **Query** — the 20% query's RNA only (proteins dropped) through ``map_query`` (the default
+   k_coarse / k_fine, 25 / 25; 25 / 5 before 2026-12-07; no rejection threshold, so both methods
+   answer every cell); label transfer on annotated cells; protein prediction (mean of the 25 nearest reference cells) against the
    query's measured proteins (1e4 + log1p, as the atlas stores them), Pearson r per protein.
 3. **Unseen type** — a second atlas from the reference minus every CD8 T cell (cell_type_l1 ==
    "CD8 T", which holds every "naive CD8" / "memory CD8" cell); the full query is mapped and
@@ -51,6 +51,7 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere: `atlas` is this 
 from quality_tasks.common import commit as _commit  # noqa: E402  (benchmarks/ is the script's folder)
 from quality_tasks.common import start_ray  # noqa: E402
 
+from atlas.mapping.params import K_COARSE, K_FINE  # noqa: E402
 from atlas.names import confidence_key, pred_key, profile_key, unknown_key  # noqa: E402
 
 DATA = Path(os.environ.get("ATLAS_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -138,7 +139,7 @@ def map_concerto(artifact: str, query, thresholds):
     atlas = load_atlas(artifact)
     load_s = time.perf_counter() - t
     t = time.perf_counter()
-    mapped = map_query(query, atlas, levels=LEVELS, k_coarse=25, k_fine=5, thresholds=thresholds)
+    mapped = map_query(query, atlas, levels=LEVELS, k_coarse=K_COARSE, k_fine=K_FINE, thresholds=thresholds)
     return mapped, time.perf_counter() - t, load_s, atlas
 
 
@@ -367,7 +368,7 @@ def main() -> None:
                               "reference": int(reference.n_obs), "query": int(query.n_obs),
                               "reference_without_cd8": int(unseen_ref.n_obs)},
                     "settings": {"epochs": args.epochs, "workers": args.workers, "batch_size": 64, "lr": 1e-3,
-                                 "k_coarse": 25, "k_fine": 5, "thresholds": None, "baseline_pca": 50,
+                                 "k_coarse": K_COARSE, "k_fine": K_FINE, "thresholds": None, "baseline_pca": 50,
                                  "baseline_level2": "hierarchical (k = 5 within the predicted level-1 group)"}}
 
     _say("PCA + kNN baseline: full reference, then the reference without CD8 T")
