@@ -172,7 +172,7 @@ def markdown(r: dict) -> str:
                  "mapping = `map_query` (k 25 / 25, no rejection; \"Concerto atlas\": `batch_key` = the query's batches, "
                  "input statistics per batch; \"all layers\": `domain_statistics=\"all\"`; \"no batch_key\": the "
                  "reference's statistics). PCA + kNN: 1e4 + log1p, scaled, PCA (≤ 50 "
-                 "components), cosine kNN, the same hierarchical vote. CellTypist: SGD logistic regression per "
+                 "components), cosine kNN, the same hierarchical vote with k 25 / 5. CellTypist: SGD logistic regression per "
                  "level on 1e4 + log1p, no majority voting.")
     for name, note in r["notes"].items():
         lines.append(f"{name}: {note}.")
