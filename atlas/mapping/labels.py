@@ -111,7 +111,7 @@ def assign_labels(emb: np.ndarray, has_data: np.ndarray, searcher: Searcher, lay
         routed = node_of != None  # noqa: E711
         groups = [np.flatnonzero(node_of == name) for name in pd.unique(node_of[routed])]
         if depth == 0:
-            found = [coarse if rows.size == n else coarse.rows(rows) for rows in groups]
+            found = [coarse]  # every cell sits at the root: one group, the coarse hits as they are
         else:  # every node's search at once: the service's shard replicas answer them in parallel
             found = search_all(searcher, [
                 SearchRequest(layout.node(node_of[rows[0]]).shards, emb[rows], k_fine,
