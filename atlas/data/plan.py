@@ -74,7 +74,7 @@ class ReadPlan:
     """Class name of each label code, per level."""
     snapshot: str | None = None
     """A training snapshot folder (:mod:`atlas.data.snapshot`) the blocks read instead of ``uri``."""
-    snapshot_chunk: int = 256
+    snapshot_chunk: int = 512
     """Consecutive snapshot rows kept together when a snapshot plan is re-blocked each epoch."""
     snapshot_block: int = 8192
     """Cells per read block of a snapshot plan."""

@@ -7,8 +7,8 @@ selected, **already normalised** as read tasks emit them (``log1p``, TF-IDF with
 idf, top-k), in one seeded random order grouped by domain, as CSR arrays in a zarr group::
 
     SNAPSHOT/
-      zarr.json               attributes: format, source URI, modalities, domain names and row
-                              ranges, label levels and classes, how many cells; ``complete``
+      zarr.json               attributes: format, source URI, modalities, domain codes and row
+                              ranges, label levels, how many cells, seed; ``complete``
       soma_joinid, domain     int64 / int32 [cells], snapshot row order
       labels                  int32 [cells, levels] (only with label levels)
       {m}/indptr              int64 [cells + 1]
@@ -216,13 +216,11 @@ def write_snapshot(plan: ReadPlan, path: str | os.PathLike, *, seed: int = 0,
             log(f"training snapshot: {stop:,} / {joinids.size:,} cells written")
     for m in plan.modalities:
         group.create_array(f"{m}/indptr", data=np.concatenate(pointers[m]), compressors=codec)
-    names, offsets = [], [0]
-    for code in np.unique(domains):
-        names.append(int(code))
-        offsets.append(offsets[-1] + int((domains == code).sum()))
+    codes, counts = np.unique(domains, return_counts=True)  # snapshot order groups the domains
     group.attrs.update({
         "format": FORMAT, "source": plan.uri, "modalities": list(plan.modalities), "n_cells": int(joinids.size),
-        "domain_codes": names, "domain_offsets": offsets, "label_levels": list(plan.label_levels), "seed": int(seed),
+        "domain_codes": codes.tolist(), "domain_offsets": [0, *np.cumsum(counts).tolist()],
+        "label_levels": list(plan.label_levels), "seed": int(seed),
     })
     group.attrs["complete"] = True  # last: a folder without it was not finished
 
@@ -249,9 +247,7 @@ def epoch_blocks(plan: ReadPlan, epoch: int) -> list[ReadBlock]:
     into blocks of ``snapshot_block`` cells — one domain each in single-domain mode — and the
     cells of each block permuted)."""
     rows = np.concatenate([b.rows for b in plan.blocks if b.rows is not None])
-    joinids = np.concatenate([b.joinids for b in plan.blocks])
-    domains = np.concatenate([b.domains for b in plan.blocks])
-    labels = np.concatenate([b.labels for b in plan.blocks]) if plan.label_levels else None
+    joinids, domains, labels = _cells(plan)
     seed = int(np.random.SeedSequence([plan.seed, epoch]).generate_state(1)[0])
     blocks = plan_blocks(rows, domains, block_size=plan.snapshot_block, shuffle=plan.shuffle, seed=seed,
                          single_domain=plan.single_domain, shuffle_chunk_size=plan.snapshot_chunk)
@@ -299,7 +295,7 @@ def read_rows(path: str, modality: str, rows: np.ndarray) -> tuple[np.ndarray, n
     indices_array, values_array = arrays[modality]
     ids = [indices_array[indptr[a]:indptr[b]] for a, b in zip(starts, stops)]
     vals = [values_array[indptr[a]:indptr[b]] for a, b in zip(starts, stops)]
-    lengths = np.diff(indptr)[ordered]
+    lengths = indptr[ordered + 1] - indptr[ordered]  # not np.diff of every row: this runs per block
     flat_ids, flat_values = np.concatenate(ids), np.concatenate(vals)
     if np.array_equal(ordered, rows):
         return np.r_[0, np.cumsum(lengths)], flat_ids, flat_values
