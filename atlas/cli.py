@@ -18,10 +18,11 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from atlas.mapping.params import K_COARSE, K_FINE, help_texts
+from atlas.mapping.params import K_COARSE, K_FINE, MapParams, help_texts
 from atlas.names import level_of, pred_key
 
 _HELP = help_texts()
+_DEFAULT = {name: field.default for name, field in MapParams.model_fields.items()}
 
 app = typer.Typer(
     name="atlas",
@@ -324,8 +325,11 @@ def map_cells(
     min_fraction: Annotated[str | None, typer.Option(help=_HELP["min_fraction"] + " [default: 0.5]")] = None,
     batch_key: Annotated[str | None, typer.Option(help=_HELP["batch_key"])] = None,
     batch: Annotated[str | None, typer.Option(help=_HELP["batch"])] = None,
-    domain_statistics: Annotated[str | None, typer.Option(help=_HELP["domain_statistics"] + " [default: query]")] = None,
+    domain_statistics: Annotated[str | None, typer.Option(
+        help=_HELP["domain_statistics"] + f" [default: {_DEFAULT['domain_statistics']}]")] = None,
     min_domain_cells: Annotated[str | None, typer.Option(help=_HELP["min_domain_cells"] + " [default: 100]")] = None,
+    min_mix_overlap: Annotated[str | None, typer.Option(
+        help=_HELP["min_mix_overlap"] + f" [default: {_DEFAULT['min_mix_overlap']}]")] = None,
     neighbors: Annotated[bool, typer.Option("--neighbors", help="Also store each cell's coarse neighbours.")] = False,
     max_cells_per_request: Annotated[int, typer.Option(help="With --url: cells per request.")] = 2000,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
@@ -354,7 +358,7 @@ def map_cells(
         "levels": levels, "predict": predict, "predict_method": predict_method, "thresholds": thresholds,
         "k_coarse": k_coarse, "k_fine": k_fine, "min_fraction": min_fraction, "batch_key": batch_key, "batch": batch,
         "domain_statistics": domain_statistics,
-        "min_domain_cells": min_domain_cells}), return_neighbors=neighbors)
+        "min_domain_cells": min_domain_cells, "min_mix_overlap": min_mix_overlap}), return_neighbors=neighbors)
     adata = ad.read_h5ad(query)
     if url is not None:
         from atlas.client import AtlasClient

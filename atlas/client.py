@@ -245,7 +245,13 @@ class AtlasClient:
                 for chunk in parts for p in chunk)}
             if sum(len(c) for c in parts) > 1:
                 entry["requests"] = sum(len(c) for c in parts)
+            entry.update(_merged_choice([p.uns["atlas"].get("query_domains", {}) for chunk in parts for p in chunk],
+                                        str(name)))
             report["batches"][str(name)] = entry
+        for chunk in chunks:  # domain_statistics="auto": the rule and any fallback, as the service reported them
+            for part in chunk:
+                served = part.uns.get("atlas", {}).get("query_domains", {})
+                report.update({k: served[k] for k in ("min_overlap", "auto") if k in served})
         result.uns.setdefault("atlas", {})["query_domains"] = report
         return result_to_anndata(result, obs_names=adata.obs_names)
 
@@ -331,3 +337,14 @@ def _progress(enabled: bool, total: int) -> Iterator[Any]:
                   TimeElapsedColumn(), console=Console(stderr=True), transient=False) as bar:
         task = bar.add_task("map", total=total)
         yield lambda n: bar.advance(task, n)
+
+
+def _merged_choice(reports: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    """What ``domain_statistics="auto"`` chose for batch ``name`` over the requests that carried it:
+    one value when they agree (always, for a batch sent whole), else the list per request."""
+    merged: dict[str, Any] = {}
+    for key in ("layers", "composition_overlap", "composition_level"):
+        values = [r["batches"][name][key] for r in reports if key in r.get("batches", {}).get(name, {})]
+        if values:
+            merged[key] = values[0] if all(v == values[0] for v in values) else values
+    return merged

@@ -62,8 +62,10 @@ def calibrate_thresholds(
     before rejection), ``rejection_rate``, ``n_cells``, ``k_coarse``, ``k_fine``, ``method`` and,
     with ``vote_balance`` > 0, ``vote_balance`` (``{"power", "counts": level → label → labelled
     reference cells}``: each neighbour's vote is weighted by ``(n_c / n_max) ** -power``, here
-    and at mapping). ``head_inputs``: what the heads read when the index holds other vectors
-    (rows: the same cells; the embedding of an atlas that votes in its profile space).
+    and at mapping) and ``composition`` (level → label → labelled reference cells: the mix
+    ``domain_statistics="auto"`` compares a query batch's with). ``head_inputs``: what the heads
+    read when the index holds other vectors (rows: the same cells; the embedding of an atlas that
+    votes in its profile space).
     """
     if not 0.0 <= rejection_rate < 1.0:
         raise ValueError(f"rejection_rate must be in [0, 1), got {rejection_rate}")
@@ -82,11 +84,11 @@ def calibrate_thresholds(
                    "values": typical_similarity(hits.similarity, np.asarray(labels[first], dtype=str)[sample])}
     balance_entry: dict[str, Any] | None = None
     balance: dict[str, dict[str, float]] | None = None
+    counts: dict[str, dict[str, int]] = {}
+    for level in levels:
+        values, n_cells = np.unique(np.asarray(labels[level], dtype=str), return_counts=True)
+        counts[level] = {str(v): int(c) for v, c in zip(values, n_cells) if v != ""}
     if vote_balance > 0 and levels:
-        counts: dict[str, dict[str, int]] = {}
-        for level in levels:
-            values, n_cells = np.unique(np.asarray(labels[level], dtype=str), return_counts=True)
-            counts[level] = {str(v): int(c) for v, c in zip(values, n_cells) if v != ""}
         balance_entry = {"power": float(vote_balance), "counts": counts}
         balance = {lv: balance_weights(c, vote_balance) for lv, c in counts.items()}
     probabilities = None
@@ -117,6 +119,7 @@ def calibrate_thresholds(
         "k_fine": int(k_fine),
         "thresholds": thresholds,
         "loo_accuracy": accuracy,
+        **({"composition": counts} if counts else {}),
         **({"typical_similarity": typical} if typical else {}),
         **({"vote_balance": balance_entry} if balance_entry else {}),
     }

@@ -2,15 +2,16 @@
 
 A Concerto model normalises each reference batch by its own statistics (domain-specific
 BatchNorm). A query batch from another study or protocol is shifted the same way, so each query
-batch of at least ``min_domain_cells`` cells gets its own exact statistics for the normalisation
-of its measured values (``domain_statistics="input"``, the default; ``"all"`` adapts every
-layer: see :func:`atlas.models.recalibrate.with_query_domains` for when that helps and when it
-harms); a smaller batch, a cell with no data, or ``domain_statistics="reference"`` uses the
-average of the reference's. A batch is the query's ``obs[batch_key]`` value, or ``batch`` (one
-name for the whole query). With neither, no batch is known and every cell uses the reference
-average: on held-out reference studies, pooling a sorted T-cell study with a blood sample as
-"one batch" cost 2.4 points of level-1 accuracy, while per-batch statistics gained 0.5. What was
-done is reported in ``uns["atlas"]["query_domains"]``.
+batch of at least ``min_domain_cells`` cells gets its own exact statistics: for the normalisation
+of its measured values (``domain_statistics="input"``), in every layer (``"all"``: see
+:func:`atlas.models.recalibrate.with_query_domains` for when that helps and when it harms), or
+either per batch by its estimated cell-type mix (``"auto"``, the default,
+:mod:`atlas.mapping.composition`); a smaller batch, a cell with no data, or
+``domain_statistics="reference"`` uses the average of the reference's. A batch is the query's
+``obs[batch_key]`` value, or ``batch`` (one name for the whole query). With neither, no batch is
+known and every cell uses the reference average: on held-out reference studies, pooling a sorted
+T-cell study with a blood sample as "one batch" cost 2.4 points of level-1 accuracy, while
+per-batch statistics gained 0.5. What was done is reported in ``uns["atlas"]["query_domains"]``.
 """
 
 from __future__ import annotations
@@ -63,10 +64,17 @@ def query_domains(batches: np.ndarray | None, has_data: np.ndarray, *, statistic
 @dataclass(frozen=True)
 class QueryDomains:
     """What the encoder needs: each cell's query domain (``-1``: the reference average) and which
-    layers adapt (``"input"`` or ``"all"``, see :func:`atlas.models.recalibrate.with_query_domains`)."""
+    layers adapt (``"input"`` or ``"all"``, see :func:`atlas.models.recalibrate.with_query_domains`;
+    ``"auto"`` is resolved to one of them per batch before the encoder sees it,
+    :mod:`atlas.mapping.composition`); ``deep`` (with ``"all"``, bool per query domain; None:
+    every one): the domains whose deeper layers adapt too."""
 
     codes: np.ndarray
     layers: str = "input"
+    deep: tuple[bool, ...] | None = None
+
+    def n_domains(self) -> int:
+        return int(self.codes.max()) + 1 if self.codes.size and self.codes.max() >= 0 else 0
 
 
 def domains_report(statistics: str, batch_key: str | None, batch: str | None, min_cells: int) -> dict[str, Any]:

@@ -18,13 +18,14 @@ from atlas.train.step import autocast_context
 
 def embed_prepared(aligned: Mapping[str, sp.csr_matrix], model: Any, *, max_features: int | None = None,
                    batch_size: int = 1024, device: str = "cpu", decode: Mapping[str, str] | None = None,
-                   domains: np.ndarray | None = None, layers: str = "input", domains_set: bool = False
-                   ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                   domains: np.ndarray | None = None, layers: str = "input", domains_set: bool = False,
+                   deep: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Embed prepared cells with the frozen model, ``batch_size`` cells at a time (bounded memory).
 
     ``domains`` (int per cell, see :mod:`atlas.mapping.domains`): cells of query domain ``j ≥ 0``
     are normalised with the exact statistics of that domain's cells in the ``layers`` chosen
-    (``"input"``: one extra pass over them; ``"all"``: two);
+    (``"input"``: one extra pass over them; ``"all"``: two; with ``"all"``, ``deep`` — bool per
+    query domain — limits the deeper layers to the domains it marks);
     cells with ``-1`` (or every cell, without ``domains``) enter as an unseen domain: Concerto
     uses the mean of its reference domains' statistics. ``decode`` (``{target: source}``, CVQVAE
     only) also returns the decoder's cross-modal prediction of each target over its vocabulary
@@ -38,7 +39,7 @@ def embed_prepared(aligned: Mapping[str, sp.csr_matrix], model: Any, *, max_feat
             def record(copy: Any, offset: int) -> None:
                 forward(aligned, copy, np.where(codes >= 0, codes + offset, -1), max_features, batch_size, device, {})
 
-            model, offset = with_query_domains(model, int(codes.max()) + 1, record, layers=layers)
+            model, offset = with_query_domains(model, int(codes.max()) + 1, record, layers=layers, deep=deep)
             codes = np.where(codes >= 0, codes + offset, -1)
         else:
             codes = np.full(n, -1)
@@ -61,7 +62,8 @@ def local_embed(model: Any, manifest: Mapping[str, Any], *, batch_size: int = 10
     def embed(aligned: Mapping[str, sp.csr_matrix], decode: Mapping[str, str], domains: Any):
         return embed_prepared(aligned, model, max_features=max_features, batch_size=batch_size, device=device,
                               decode=dict(decode), domains=None if domains is None else domains.codes,
-                              layers="input" if domains is None else domains.layers, domains_set=domains_set)
+                              layers="input" if domains is None else domains.layers, domains_set=domains_set,
+                              deep=None if domains is None or domains.deep is None else np.asarray(domains.deep))
 
     return embed
 

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from atlas.mapping.composition import ReferenceMix, batch_mix, choose_layers, overlaps, record_choice
 from atlas.mapping.domains import FixedDomains, domains_report
 from atlas.mapping.params import MapParams
 from atlas.mapping.query_source import QueryBlock, QuerySource, block_to_anndata, read_batches
@@ -34,7 +35,7 @@ class DomainRecorder:
 
     def __init__(self, atlas_dir: str, features: dict[str, list[str]], names: list[str], batch_key: str | None,
                  batch: str | None, statistics: dict[str, np.ndarray] | None, min_fraction: float,
-                 batch_size: int = 1024, use_gpu: bool = False):
+                 batch_size: int = 1024, use_gpu: bool = False, mix_level: str | None = None):
         import torch
 
         from atlas.artifact import load_atlas
@@ -51,6 +52,9 @@ class DomainRecorder:
         self.features, self.batch_key, self.batch = features, batch_key, batch
         self.min_fraction, self.batch_size = min_fraction, batch_size
         self.max_features = max_features_of(self.atlas.manifest)
+        # domain_statistics="auto": also sum each batch's head probabilities at this level.
+        self.mix_level = mix_level
+        self.heads = self.atlas.heads() if mix_level is not None else None
 
     def __call__(self, table: pa.Table) -> pa.Table:
         from atlas.mapping.domains import batch_labels
@@ -67,10 +71,14 @@ class DomainRecorder:
         codes[~has_data] = -1
         recorder = DomainStatistics(self.model)
         with recorder.recording():
-            forward(aligned, self.model, np.where(codes >= 0, codes + self.offset, -1), self.max_features,
-                    self.batch_size, self.device, {})
+            emb, _ = forward(aligned, self.model, np.where(codes >= 0, codes + self.offset, -1), self.max_features,
+                             self.batch_size, self.device, {})
         cells = np.bincount(codes[codes >= 0], minlength=self.n_batches).astype(np.int64)
-        return pa.table({"vector": [recorder.vector().tolist()], "cells": [cells.tolist()]})
+        columns = {"vector": [recorder.vector().tolist()], "cells": [cells.tolist()]}
+        if self.heads is not None and self.mix_level is not None:
+            sums, _ = batch_mix(self.heads.probabilities(emb)[self.mix_level], codes, self.n_batches)
+            columns["mix"] = [sums.reshape(-1).tolist()]
+        return pa.table(columns)
 
 
 def batch_names(source: QuerySource, blocks: Sequence[QueryBlock], batch: str | None
@@ -107,36 +115,57 @@ def exact_query_domains(source: QuerySource, blocks: Sequence[QueryBlock], atlas
     model = atlas.model("cpu")
     if not has_domain_normalisation(model, layers):
         return None
-    passes = query_passes(layers, normalisation_passes(model))
+    # "auto" = the input layers first (pass 1, as "input"); the next pass embeds with them, which
+    # is where each batch's mix is estimated, and records every layer, kept for the batches whose
+    # mix is the reference's — as map_query's two embeddings do, in the passes of "all".
+    auto = layers == "auto"
+    reference = ReferenceMix.of(atlas.manifest, atlas.heads()) if auto else None
+    record_layers = "all" if reference is not None else ("input" if auto else layers)
+    passes = query_passes(record_layers, normalisation_passes(model))
     known = batch_names(source, blocks, params.batch)
     assert known is not None  # a batch_key or a batch is given
     names, counts = known
     adapted, offset = add_query_domains(model, len(names))
     statistics: dict[str, np.ndarray] | None = None
     with_data: np.ndarray = np.zeros(len(names), dtype=np.int64)
+    deep: np.ndarray | None = None
+    overlap = np.full(len(names), np.nan)
     for step in range(passes):
         log(f"[map] query statistics, pass {step + 1} of {passes} over {len(blocks)} blocks "
             f"({len(names)} batch{'es' if len(names) > 1 else ''})")
+        mix_level = reference.level if reference is not None and step == 1 else None
         ds = ray.data.read_datasource(QueryDatasource(source, blocks), override_num_blocks=len(blocks)).map_batches(
             DomainRecorder,
             fn_constructor_kwargs={"atlas_dir": str(Path(atlas_dir).resolve()), "features": source.features,
                                    "names": names, "batch_key": source.batch_key, "batch": params.batch,
                                    "statistics": statistics,
                                    "min_fraction": params.min_fraction, "batch_size": batch_size,
-                                   "use_gpu": use_gpu},
+                                   "use_gpu": use_gpu, "mix_level": mix_level},
             batch_size=None, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=cpus_per_actor, num_gpus=1 if use_gpu else 0)
         total = DomainStatistics(adapted)
         with_data[:] = 0
+        mix = np.zeros((len(names), len(reference.classes) if reference is not None else 0))
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for vector, cells in zip(batch["vector"], batch["cells"]):
+            for i, (vector, cells) in enumerate(zip(batch["vector"], batch["cells"])):
                 total.add_vector(np.asarray(vector, dtype=np.float64))
                 with_data += np.asarray(cells, dtype=np.int64)
+                if mix_level is not None:
+                    mix += np.asarray(batch["mix"][i], dtype=np.float64).reshape(mix.shape)
         total.apply()
-        keep_query_layers(adapted, offset, layers)
+        if mix_level is not None and reference is not None:
+            overlap = overlaps(mix, with_data, reference)
+            deep = choose_layers(overlap, params.min_mix_overlap)
+        keep_query_layers(adapted, offset, "input" if auto and step == 0 else record_layers, deep)
         statistics = query_statistics(adapted, offset)
     own = with_data >= params.min_domain_cells
     report = domains_report(params.domain_statistics, params.batch_key, params.batch, params.min_domain_cells)
     report["batches"] = {n: {"cells": int(c), "own_statistics": bool(o)} for n, c, o in zip(names, counts, own)}
+    if auto:
+        if deep is None:
+            deep = np.zeros(len(names), dtype=bool)
+            report["auto"] = ("input statistics only: the atlas has no label heads or reference composition to "
+                              "compare with")
+        record_choice(report, overlap[own], deep[own], reference, params.min_mix_overlap)
     assert statistics is not None  # query_passes ≥ 1
     return FixedDomains(tuple(names), tuple(bool(o) for o in own), offset, report), statistics

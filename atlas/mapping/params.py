@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from atlas.errors import MappingError
+from atlas.mapping.composition import MIN_OVERLAP
 
 PREDICT_METHODS = ("knn", "decoder", "both")
 K_COARSE = 25
@@ -26,7 +27,7 @@ K_FINE = 25
 reference-only validation splits (``benchmarks/validate_vote.py``): level-2 macro-F1 0.794 → 0.804
 (pbmc10k's reference split again 80/20) and 0.207 → 0.267 (liao2020, one reference patient mapped
 onto the other), accuracy up on both; level 1 does not depend on it."""
-DOMAIN_STATISTICS = ("input", "all", "reference")
+DOMAIN_STATISTICS = ("auto", "input", "all", "reference")
 _CHOICES = {"predict_method": PREDICT_METHODS, "domain_statistics": DOMAIN_STATISTICS}
 
 
@@ -59,12 +60,18 @@ class MapParams(BaseModel):
         None, description="The whole query is one batch with this name (instead of batch_key), normalised by its "
                           "own statistics.")
     domain_statistics: str = Field(
-        "input", description="input: each query batch of at least min_domain_cells cells gets its own statistics "
-                             "for the normalisation of its measured values (their scale in its protocol), the "
-                             "reference average deeper; all: its own statistics in every normalisation layer "
-                             "(stronger, but erases the biology of a batch whose cell-type mix differs from the "
-                             "reference's, e.g. sorted cells); reference: the reference average everywhere.")
+        "auto", description="input: each query batch of at least min_domain_cells cells gets its own statistics "
+                            "for the normalisation of its measured values (their scale in its protocol), the "
+                            "reference average deeper; all: its own statistics in every normalisation layer "
+                            "(stronger, but erases the biology of a batch whose cell-type mix differs from the "
+                            "reference's, e.g. sorted cells); auto: all for a batch whose cell-type mix, estimated "
+                            "by the atlas's label heads, overlaps the reference's by at least min_mix_overlap, else input "
+                            "(input without label heads); reference: the reference average everywhere.")
     min_domain_cells: int = Field(100, description="Fewest cells a query batch needs for its own statistics.")
+    min_mix_overlap: float = Field(
+        MIN_OVERLAP, description="With domain_statistics auto: the least overlap (sum over cell types of the smaller "
+                                 "of the two fractions) of a batch's estimated cell-type mix with the reference's for "
+                                 "every layer to adapt.")
 
     # -- checks (messages name the parameter and what is accepted) -----------------------------
 
@@ -92,10 +99,10 @@ class MapParams(BaseModel):
     def _positive_int(cls, value: Any, info: Any) -> Any:
         return _number(info.field_name, value, int, minimum=2 if info.field_name == "min_domain_cells" else 1)
 
-    @field_validator("min_fraction", mode="before")
+    @field_validator("min_fraction", "min_mix_overlap", mode="before")
     @classmethod
-    def _fraction(cls, value: Any) -> Any:
-        return _number("min_fraction", value, float, minimum=0.0, maximum=1.0)
+    def _fraction(cls, value: Any, info: Any) -> Any:
+        return _number(info.field_name, value, float, minimum=0.0, maximum=1.0)
 
     @field_validator("return_neighbors", mode="before")
     @classmethod

@@ -34,6 +34,7 @@ from atlas.mapping.align import (
     normalize_aligned,
     query_modalities,
 )
+from atlas.mapping.composition import embed_by_mix
 from atlas.mapping.confidence import confidence_rule
 from atlas.mapping.domains import FixedDomains, QueryDomains, batch_labels, query_domains
 from atlas.mapping.embedding import embed_prepared, local_embed, max_features_of
@@ -338,10 +339,14 @@ def run_mapping(
             domains, domain_report = query_domains(batches, has_data, statistics=params.domain_statistics,
                                                    min_cells=params.min_domain_cells, batch_key=params.batch_key,
                                                    batch=params.batch)
+    heads = atlas.heads()
     with clock("embed"):
-        emb, decoded = embed(aligned, decode, domains)
+        if domains is not None and domains.layers == "auto" and fixed_domains is None:
+            emb, decoded, domains = embed_by_mix(aligned, decode, domains, embed, heads, atlas.manifest, domain_report,
+                                                 params.min_mix_overlap)
+        else:
+            emb, decoded = embed(aligned, decode, domains)
     with clock("labels"):
-        heads = atlas.heads()
         typical = (atlas.manifest.get("mapping") or {}).get("typical_similarity")
         balance = vote_balance(atlas.manifest)
         head_probabilities = heads.probabilities(emb) if heads is not None else {}

@@ -156,7 +156,8 @@ QUERY_LAYERS = ("input", "all")
 
 @torch.no_grad()
 def with_query_domains(model: nn.Module, n_query: int, forward: Callable[[nn.Module, int], None],
-                       layers: str = "input", passes: int | None = None) -> tuple[nn.Module, int]:
+                       layers: str = "input", passes: int | None = None, deep: np.ndarray | None = None
+                       ) -> tuple[nn.Module, int]:
     """A copy of ``model`` whose normalisation layers also hold ``n_query`` query domains, set to
     the exact statistics of each domain's own cells; returns ``(copy, first query domain code)``.
 
@@ -166,7 +167,12 @@ def with_query_domains(model: nn.Module, n_query: int, forward: Callable[[nn.Mod
     other; default :func:`normalisation_passes`). Deeper layers normalise learned features whose
     mean depends on the batch's cell-type mix: adapting them erases the biology of a batch whose
     composition differs from the reference's (a sorted T-cell study fell from 0.78 to 0.40 level-1 accuracy on held-out
-    reference studies, while whole-blood studies gained 0.5 points), so ``"input"`` is the default.
+    reference studies, while whole-blood studies gained 0.5 points): mapping chooses per batch by
+    its estimated cell-type mix (``domain_statistics="auto"``, :mod:`atlas.mapping.composition`).
+
+    ``deep`` (with ``"all"``; bool per query domain, default every one): which domains adapt the
+    deeper layers too; the others adapt their input layers only (how ``domain_statistics="auto"``
+    applies its per-batch choice, :func:`atlas.mapping.composition.choose_layers`).
 
     ``forward(copy, offset)`` must run the copy (eval mode) over every query cell with domain
     ``offset + j`` for a cell of query domain ``j`` (``-1`` for cells that keep the reference
@@ -179,7 +185,7 @@ def with_query_domains(model: nn.Module, n_query: int, forward: Callable[[nn.Mod
         with statistics.recording():
             forward(adapted, offset)
         statistics.apply()
-        keep_query_layers(adapted, offset, layers)
+        keep_query_layers(adapted, offset, layers, deep)
     return adapted, offset
 
 
@@ -191,8 +197,15 @@ def query_passes(layers: str, passes: int = RECALIBRATION_PASSES) -> int:
 
 
 @torch.no_grad()
-def keep_query_layers(adapted: nn.Module, offset: int, layers: str) -> None:
-    """Unset the query domains of the layers ``layers`` does not adapt (back to the reference average)."""
+def keep_query_layers(adapted: nn.Module, offset: int, layers: str, deep: np.ndarray | None = None) -> None:
+    """Unset the query domains of the layers ``layers`` does not adapt (back to the reference
+    average); with ``"all"`` and ``deep`` (bool per query domain), the deeper layers of the
+    domains it leaves out too."""
     for m in adapted.modules():
-        if isinstance(m, DomainBatchNorm1d) and not (layers == "all" or m.normalises_input):
+        if not isinstance(m, DomainBatchNorm1d) or m.normalises_input:
+            continue
+        if layers != "all":
             m.domain_batches[offset:] = 0
+        elif deep is not None:
+            keep = torch.as_tensor(np.asarray(deep, dtype=bool))
+            m.domain_batches[offset : offset + keep.numel()][~keep] = 0

@@ -101,14 +101,18 @@ class Encoder:
         for _, wanted, _ in items:
             decode.update(wanted)
         codes, offset, layers = [], 0, "input"
+        deep: list[bool] = []
         for size, (_, _, domains) in zip(sizes, items):
             d = np.full(size, -1) if domains is None else np.asarray(domains.codes)
             layers = layers if domains is None else domains.layers
             codes.append(np.where(d >= 0, d + offset, -1))
-            offset += int(d.max()) + 1 if size and d.max() >= 0 else 0
+            count = int(d.max()) + 1 if size and d.max() >= 0 else 0
+            deep.extend(domains.deep if domains is not None and domains.deep is not None else [True] * count)
+            offset += count
         emb, decoded = embed_prepared(stacked, self.model, max_features=self.max_features,
                                       batch_size=self.batch_cells, device=self.device, decode=decode,
-                                      domains=np.concatenate(codes) if offset else None, layers=layers)
+                                      domains=np.concatenate(codes) if offset else None, layers=layers,
+                                      deep=np.asarray(deep, dtype=bool) if offset else None)
         out = []
         bounds = np.cumsum([0] + sizes)
         for (_, wanted, _), start, stop in zip(items, bounds[:-1], bounds[1:]):

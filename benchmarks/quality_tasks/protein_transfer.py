@@ -105,14 +105,20 @@ def run_task(out: Path, *, title: str, adata, is_ref: np.ndarray, levels: list[s
     finally:
         ray.shutdown()
     # As a user who knows the query's batches maps (batch_key; the default domain_statistics
-    # "input"), the same with every normalisation layer adapted ("all"), and without batch_key
-    # (the reference's average statistics: what mapping did before query statistics).
+    # "auto": every layer adapted for a batch whose cell-type mix is the reference's, else the
+    # input layer), the same with the input layer only ("input", the default before) or every
+    # layer ("all") for every batch, and without batch_key (the reference's average statistics).
     query = protein_query(query_cells, batch_key) if modality == "protein" else rna_query(query_cells, batch_key)
     for name, options in (("Concerto atlas", {"batch_key": batch_key}),
+                          ("Concerto, input layer per batch", {"batch_key": batch_key, "domain_statistics": "input"}),
                           ("Concerto, all layers per batch", {"batch_key": batch_key, "domain_statistics": "all"}),
                           ("Concerto, no batch_key", {})):
         mapped, map_s = map_with_atlas(built["artifact"], query, levels, **options)
         methods[name] = {**from_mapped(mapped, levels), "fit_s": built["build_s"], "map_s": map_s}
+        choices = {b: (v.get("layers"), v.get("composition_overlap"))
+                   for b, v in mapped.uns["atlas"]["query_domains"]["batches"].items()}
+        say(f"{title}: {name}: {mapped.uns['atlas']['query_domains']['statistics']} statistics, per batch "
+            f"(layers, mix overlap): {choices}")
 
     say(f"{title}: CellTypist")
     methods["CellTypist"] = peers.celltypist_transfer(reference, query_cells, levels, unlabeled=unlabeled)

@@ -83,16 +83,27 @@ def test_zarr_and_store_queries_match_by_feature_id(tiny_atlas, expected, ray_lo
     atlas, query, _ = tiny_atlas
     shuffled = query[:, np.random.default_rng(1).permutation(query.n_vars)].copy()
     # Two interleaved batches (a categorical column): each batch's statistics span every block.
-    shuffled.obs["sample"] = pd.Categorical(np.where(np.arange(query.n_obs) % 2 == 0, "a", "b"))
+    # The default ("auto") adapts every layer of a batch whose estimated mix overlaps the
+    # reference's by min_mix_overlap, the input layer of the other: with the threshold between
+    # the two batches' overlaps, one of each — offline as in one process.
+    shuffled.obs["sample"] = pd.Categorical(np.where(np.arange(query.n_obs) % 3 == 0, "a", "b"))
     zarr_path = tmp_path / "query.zarr"
     shuffled.write_zarr(zarr_path)
     out = tmp_path / "mapped"
-    options = dict(batch_key="sample", min_domain_cells=50)
+    probe = map_query(shuffled, atlas, batch_key="sample", min_domain_cells=50, levels=["cell_type_l1"])
+    overlap = {b: v["composition_overlap"] for b, v in probe.uns["atlas"]["query_domains"]["batches"].items()}
+    assert overlap["a"] != overlap["b"]
+    options = dict(batch_key="sample", min_domain_cells=50, min_mix_overlap=float(np.mean(list(overlap.values()))))
     map_offline(zarr_path, atlas.path, out, block_cells=64, actors=1, progress=False, log=lambda _: None, **options)
     got = read_mapping(out)
     want = map_query(shuffled, atlas, **options)
     _assert_same_mapping(got, want)
-    assert json.loads((out / SUMMARY).read_text())["atlas"]["query_domains"] == want.uns["atlas"]["query_domains"]
+    domains = want.uns["atlas"]["query_domains"]
+    assert json.loads((out / SUMMARY).read_text())["atlas"]["query_domains"] == domains
+    assert domains["statistics"] == "auto"
+    higher = max(overlap, key=overlap.get)
+    assert {b: v["layers"] for b, v in domains["batches"].items()} == {
+        b: "all" if b == higher else "input" for b in overlap}, domains
 
     store = tmp_path / "query_store"
     ingest(store, shuffled, dataset_id="q", species="human", progress=False)

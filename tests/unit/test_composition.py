@@ -1,0 +1,119 @@
+"""domain_statistics="auto": each query batch adapts every normalisation layer only when its
+estimated cell-type mix is the reference's (atlas.mapping.composition)."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from atlas.mapping.composition import MIN_OVERLAP, ReferenceMix, batch_mix, choose_layers, embed_by_mix, overlaps
+from atlas.mapping.domains import QueryDomains, query_domains
+from atlas.mapping.embedding import embed_prepared
+from atlas.mapping.heads import Heads
+from tests.unit.test_query_domains import _model_and_cells
+
+CLASSES = ("B", "T")
+
+
+def _heads() -> Heads:
+    # Class by the larger of the embedding's two coordinates (sharp enough to be a hard call).
+    return Heads(levels=("l1",), classes=(CLASSES,), weights=((np.eye(2, dtype=np.float32) * 50, np.zeros(2)),))
+
+
+def _manifest(b: int, t: int) -> dict:
+    return {"mapping": {"composition": {"l1": {"B": b, "T": t}}}}
+
+
+def test_overlap_is_one_minus_total_variation():
+    reference = ReferenceMix.of(_manifest(1, 1), _heads())
+    assert reference is not None
+    sums = np.array([[5.0, 5.0], [10.0, 0.0], [2.0, 8.0], [0.0, 0.0]])
+    cells = np.array([10, 10, 10, 0])
+    np.testing.assert_allclose(overlaps(sums, cells, reference), [1.0, 0.5, 0.7, 0.0])
+    np.testing.assert_array_equal(choose_layers(np.array([1.0, 0.5, MIN_OVERLAP, 0.0])), [True, False, True, False])
+
+
+def test_no_reference_mix_without_heads_or_composition():
+    assert ReferenceMix.of(_manifest(1, 1), None) is None
+    assert ReferenceMix.of({"mapping": {}}, _heads()) is None  # an atlas built before the composition was written
+    assert ReferenceMix.of(_manifest(0, 0), _heads()) is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.float64, st.tuples(st.integers(0, 40), st.just(3)), elements=st.floats(0, 1)),
+       st.integers(1, 4), st.integers(0, 40), st.lists(st.integers(0, 1000), min_size=3, max_size=3))
+def test_mix_sums_add_up_over_blocks_and_overlap_stays_in_unit_interval(p, n_domains, cut, counts):
+    """Blocks of a query (the offline mapper's) add up to the whole query's sums; any mix overlaps
+    the reference's by a number in [0, 1]."""
+    p = p / np.maximum(p.sum(axis=1, keepdims=True), 1e-12)
+    codes = np.random.default_rng(len(p)).integers(-1, n_domains, size=len(p))
+    whole, cells = batch_mix(p, codes, n_domains)
+    a, ca = batch_mix(p[:cut], codes[:cut], n_domains)
+    b, cb = batch_mix(p[cut:], codes[cut:], n_domains)
+    np.testing.assert_allclose(a + b, whole, atol=1e-9)
+    np.testing.assert_array_equal(ca + cb, cells)
+    heads = Heads(levels=("l1",), classes=(("x", "y", "z"),), weights=((np.zeros((3, 2), np.float32), np.zeros(3)),))
+    reference = ReferenceMix.of({"mapping": {"composition": {"l1": dict(zip("xyz", counts))}}}, heads)
+    if reference is None:
+        assert sum(counts) == 0
+        return
+    o = overlaps(whole, cells, reference)
+    assert o.shape == (n_domains,) and np.all((o >= -1e-9) & (o <= 1 + 1e-9))
+
+
+def test_deep_mask_adapts_every_layer_of_the_marked_domain_only():
+    """One embedding with deep=(True, False) equals each batch alone with 'all' and 'input'."""
+    model, aligned = _model_and_cells()
+    n = aligned["protein"].shape[0]
+    codes = np.where(np.arange(n) < n // 2, 0, 1)
+    mixed, _ = embed_prepared(aligned, model, domains=codes, layers="all", deep=np.array([True, False]))
+    first = {"protein": aligned["protein"][: n // 2]}
+    second = {"protein": aligned["protein"][n // 2 :]}
+    all_first, _ = embed_prepared(first, model, domains=np.zeros(n // 2, dtype=int), layers="all")
+    input_second, _ = embed_prepared(second, model, domains=np.zeros(n - n // 2, dtype=int), layers="input")
+    np.testing.assert_allclose(mixed[: n // 2], all_first, atol=1e-5)
+    np.testing.assert_allclose(mixed[n // 2 :], input_second, atol=1e-5)
+    assert np.abs(all_first - embed_prepared(first, model, domains=np.zeros(n // 2, dtype=int))[0]).max() > 1e-3
+
+
+@pytest.mark.parametrize("composition,expected", [((1, 1), {"mixed": "all", "sorted": "input"}),
+                                                  ((0, 1), {"mixed": "input", "sorted": "all"})])
+def test_auto_adapts_every_layer_where_the_mix_is_the_references(composition, expected):
+    """Batch 'mixed' is half B, half T; batch 'sorted' all T. Against a half-and-half reference
+    only 'mixed' adapts every layer; against an all-T reference only 'sorted' does."""
+    n = 40
+    batches = np.array(["mixed"] * n + ["sorted"] * n)
+    domains, report = query_domains(batches, np.ones(2 * n, dtype=bool), statistics="auto", min_cells=10,
+                                    batch_key="sample")
+    assert domains is not None and domains.layers == "auto"
+    first_pass = np.zeros((2 * n, 2), np.float32)
+    first_pass[: n // 2, 0] = first_pass[n // 2 :, 1] = 1.0  # mixed: 20 B then 20 T; sorted: 40 T
+    calls: list[QueryDomains] = []
+
+    def embed(aligned, decode, seen):
+        calls.append(seen)
+        return (first_pass if len(calls) == 1 else first_pass + 7.0), {}
+
+    emb, _, used = embed_by_mix({}, {}, domains, embed, _heads(), _manifest(*composition), report)
+    assert calls[0].layers == "input"
+    layers = {name: report["batches"][name]["layers"] for name in ("mixed", "sorted")}
+    assert layers == expected
+    assert used.layers == "all" and used.deep == (expected["mixed"] == "all", expected["sorted"] == "all")
+    assert len(calls) == 2 and np.array_equal(emb, first_pass + 7.0)
+    assert report["batches"]["mixed"]["composition_overlap"] == pytest.approx(1.0 if composition == (1, 1) else 0.5,
+                                                                               abs=1e-3)
+
+
+def test_auto_without_heads_keeps_input_statistics_and_says_so():
+    n = 30
+    domains, report = query_domains(np.array(["a"] * n), np.ones(n, dtype=bool), statistics="auto", min_cells=10)
+    calls = []
+
+    def embed(aligned, decode, seen):
+        calls.append(seen)
+        return np.zeros((n, 2), np.float32), {}
+
+    _, _, used = embed_by_mix({}, {}, domains, embed, None, _manifest(1, 1), report)
+    assert len(calls) == 1 and used.layers == "input"
+    assert report["batches"]["a"]["layers"] == "input" and "no label heads" in report["auto"]
