@@ -122,6 +122,7 @@ def exact_query_domains(source: QuerySource, blocks: Sequence[QueryBlock], atlas
     reference = ReferenceMix.of(atlas.manifest, atlas.heads()) if auto else None
     record_layers = "all" if reference is not None else ("input" if auto else layers)
     passes = query_passes(record_layers, normalisation_passes(model))
+    passes = max(passes, 2) if reference is not None else passes  # the mix is estimated in pass 2
     known = batch_names(source, blocks, params.batch)
     assert known is not None  # a batch_key or a batch is given
     names, counts = known
