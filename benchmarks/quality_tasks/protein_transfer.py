@@ -30,8 +30,8 @@ from quality_tasks.common import (
     write_results,
 )
 
-ORDER = ["Concerto atlas", "Concerto, all layers per batch", "Concerto, no batch_key", "PCA + kNN", "CellTypist",
-         "scANVI (scArches)"]
+ORDER = ["Concerto atlas", "Concerto, input layer per batch", "Concerto, all layers per batch", "Concerto, no batch_key",
+         "PCA + kNN", "CellTypist", "scANVI (scArches)"]
 
 
 def protein_query(adata, batch_key: str | None = None) -> ad.AnnData:
@@ -176,8 +176,9 @@ def markdown(r: dict) -> str:
                  "embed + index + threshold calibration with Ray running (ingest "
                  f"{r['settings']['ingest_s']:.0f} s and Ray start {r['settings']['ray_start_s']:.0f} s not included); "
                  "mapping = `map_query` (k 25 / 25, no rejection; \"Concerto atlas\": `batch_key` = the query's batches, "
-                 "input statistics per batch; \"all layers\": `domain_statistics=\"all\"`; \"no batch_key\": the "
-                 "reference's statistics). PCA + kNN: 1e4 + log1p, scaled, PCA (≤ 50 "
+                 "the default `domain_statistics=\"auto\"`; \"input layer\" / \"all layers\": `\"input\"` / "
+                 "`\"all\"` for every batch; \"no batch_key\": the reference's statistics). PCA + kNN: 1e4 + log1p, "
+                 "scaled, PCA (≤ 50 "
                  "components), cosine kNN, the same hierarchical vote with k 25 / 5. CellTypist: SGD logistic regression per "
                  "level on 1e4 + log1p, no majority voting.")
     for name, note in r["notes"].items():
