@@ -18,6 +18,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from atlas.mapping.domains import describe_domains
 from atlas.mapping.params import K_COARSE, K_FINE, MapParams, help_texts
 from atlas.names import level_of, pred_key
 
@@ -378,6 +379,9 @@ def map_cells(
     summary = ", ".join(f"{level_of(c, 'unknown')} {out.obs[c].mean():.0%} unknown"
                         for c in out.obs.columns if level_of(c, "unknown"))
     typer.echo(f"mapped {out.n_obs} cells onto atlas {out.uns['atlas']['version']} ({summary}); wrote {output}")
+    domains = describe_domains(out.uns["atlas"].get("query_domains") or {})
+    if domains:
+        typer.echo(domains)
 
 
 @app.command()

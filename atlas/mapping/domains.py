@@ -106,3 +106,23 @@ class FixedDomains:
         codes = np.array([lookup.get(str(b), -1) for b in batches], dtype=np.int64)
         codes[~np.asarray(has_data, dtype=bool)] = -1
         return codes if (codes >= 0).any() else None
+
+
+def describe_domains(report: dict[str, Any]) -> str:
+    """One line for a person: which normalisation statistics each query batch got (``""`` when
+    no batch was given)."""
+    batches = report.get("batches") or {}
+    if not batches:
+        return ""
+    words = {"all": "every layer", "input": "input layer"}
+    parts = []
+    for name, entry in batches.items():
+        if not entry.get("own_statistics"):
+            parts.append(f"{name} reference average")
+            continue
+        layers = entry.get("layers", report.get("statistics"))
+        text = f"{name} {words.get(str(layers), str(layers))}"
+        if entry.get("composition_overlap") is not None:
+            text += f" (mix overlap {entry['composition_overlap']:.2f})"
+        parts.append(text)
+    return f"query statistics ({report.get('statistics')}): " + ", ".join(parts)

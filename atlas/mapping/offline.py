@@ -53,7 +53,7 @@ from ray.data.block import BlockMetadata
 
 from atlas.errors import AtlasError
 from atlas.mapping.align import MappingError
-from atlas.mapping.domains import domains_report
+from atlas.mapping.domains import describe_domains, domains_report
 from atlas.mapping.offline_domains import exact_query_domains
 from atlas.mapping.offline_output import (  # noqa: F401 - CELLS_DIR, SUMMARY, read_mapping: public here too
     CELLS_DIR,
@@ -394,6 +394,9 @@ def format_summary(summary: OfflineSummary, top: int = 5) -> str:
         lines.append(f"[map]   {level}: unknown {info['unknown_fraction']:.1%}; {shown}")
     if summary.predicted:
         lines.append("[map]   predicted: " + ", ".join(f"{k} ({n} features)" for k, n in summary.predicted.items()))
+    domains = describe_domains(summary.atlas.get("query_domains") or {})
+    if domains:
+        lines.append(f"[map]   {domains}")
     return "\n".join(lines)
 
 

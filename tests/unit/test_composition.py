@@ -117,3 +117,17 @@ def test_auto_without_heads_keeps_input_statistics_and_says_so():
     _, _, used = embed_by_mix({}, {}, domains, embed, None, _manifest(1, 1), report)
     assert len(calls) == 1 and used.layers == "input"
     assert report["batches"]["a"]["layers"] == "input" and "no label heads" in report["auto"]
+
+
+def test_the_choice_is_described_in_one_line():
+    from atlas.mapping.domains import describe_domains
+
+    report = {"statistics": "auto", "batches": {
+        "blood": {"cells": 500, "own_statistics": True, "layers": "all", "composition_overlap": 0.78},
+        "sorted": {"cells": 300, "own_statistics": True, "layers": "input", "composition_overlap": 0.49},
+        "tiny": {"cells": 5, "own_statistics": False}}}
+    assert describe_domains(report) == ("query statistics (auto): blood every layer (mix overlap 0.78), sorted input "
+                                        "layer (mix overlap 0.49), tiny reference average")
+    assert describe_domains({"statistics": "input", "batches": {"a": {"own_statistics": True}}}) == (
+        "query statistics (input): a input layer")
+    assert describe_domains({"statistics": "auto", "batches": {}}) == ""
