@@ -103,11 +103,13 @@ class Encoder:
         codes, offset, layers = [], 0, "input"
         deep: list[bool] = []
         for size, (_, _, domains) in zip(sizes, items):
-            d = np.full(size, -1) if domains is None else np.asarray(domains.codes)
-            layers = layers if domains is None else domains.layers
+            if domains is None:  # the reference average for every cell of this request
+                codes.append(np.full(size, -1))
+                continue
+            d, count = np.asarray(domains.codes), domains.n_domains()
+            layers = domains.layers
             codes.append(np.where(d >= 0, d + offset, -1))
-            count = int(d.max()) + 1 if size and d.max() >= 0 else 0
-            deep.extend(domains.deep if domains is not None and domains.deep is not None else [True] * count)
+            deep.extend(domains.deep if domains.deep is not None else [True] * count)
             offset += count
         emb, decoded = embed_prepared(stacked, self.model, max_features=self.max_features,
                                       batch_size=self.batch_cells, device=self.device, decode=decode,
