@@ -332,15 +332,35 @@ def rejection_scores(emb_ref, emb_val, ref_l1, p1, classes1, k: int = 25, half: 
     return out
 
 
+def fit_with_heads(train_batch: dict, n_genes: int, classes: list[list[str]] | None, codes: np.ndarray,
+                   head_weight: float = 3.0, seed: int = 0):
+    """An RNA Concerto model trained in-process at the atlas settings on ``train_batch``: with one
+    head per level over ``classes`` (class weights power 0.5; ``codes`` [cells, levels] of the
+    training cells), or contrastive only (``classes`` None)."""
+    from atlas.models.config import ConcertoConfig, build_model
+    from atlas.models.heads import class_weights
+    from atlas.train.step import fit_local, minibatches
+
+    torch.manual_seed(seed)
+    model = build_model(ConcertoConfig(modalities=("RNA",), head_weight=head_weight), {"RNA": n_genes}, 1,
+                        tuple(len(c) for c in classes) if classes else ())
+    for i, level_classes in enumerate(classes or []):
+        cw = class_weights(np.bincount(codes[:, i][codes[:, i] >= 0], minlength=len(level_classes)), 0.5)
+        for h in (model.heads, model.student_heads):
+            if h is not None:
+                h.class_weight(i).copy_(torch.from_numpy(cw))
+    fit_local(model, lambda e: minibatches(train_batch, BATCH, seed=e, by_domain=True), EPOCHS, LR,
+              steps_per_epoch=max(1, int(train_batch["domain"].shape[0]) // BATCH))
+    return model
+
+
 def run_rejection(held_out_types=("NK", "B"), head_weights=(1.0,), seeds=(0,)) -> dict:
     """Leave one reference type out of training (pbmc10k validation split); AUROC of each score
     for "is the left-out type" over the validation cells with a level-1 label."""
     from sklearn.metrics import roc_auc_score
 
     from atlas.data.batches import csr_to_batch
-    from atlas.models.config import ConcertoConfig, build_model
-    from atlas.models.heads import class_weights
-    from atlas.train.step import fit_local, minibatches, take_rows
+    from atlas.train.step import take_rows
 
     adata, train, levels, domain = _split_pbmc10k()
     counts = sp.csr_matrix(adata.layers["counts"] if "counts" in adata.layers else adata.X)
@@ -358,17 +378,8 @@ def run_rejection(held_out_types=("NK", "B"), head_weights=(1.0,), seeds=(0,)) -
         for seed in seeds:
             for variant, heads, weight in ((("contrastive only", False, 0.0),) if 0.0 in head_weights else ()) + tuple(
                     (f"joint, head weight {w:g}", True, w) for w in head_weights if w > 0):
-                torch.manual_seed(seed)
-                model = build_model(ConcertoConfig(modalities=("RNA",), head_weight=weight),
-                                    {"RNA": counts.shape[1]}, 1, tuple(len(c) for c in classes) if heads else ())
-                if heads:
-                    for i in range(len(levels)):
-                        cw = class_weights(np.bincount(codes[tr, i][codes[tr, i] >= 0], minlength=len(classes[i])), 0.5)
-                        for h in (model.heads, model.student_heads):
-                            if h is not None:
-                                h.class_weight(i).copy_(torch.from_numpy(cw))
-                fit_local(model, lambda e, b=train_batch: minibatches(b, BATCH, seed=e, by_domain=True), EPOCHS, LR,
-                          steps_per_epoch=max(1, tr.size // BATCH))
+                model = fit_with_heads(train_batch, counts.shape[1], classes if heads else None, codes[tr], weight,
+                                       seed)
                 emb_ref, emb_val = model.embed(train_batch).numpy(), model.embed(val_batch).numpy()
                 p1 = model.head_probabilities(torch.from_numpy(emb_val))[0].numpy() if heads else None
                 scores = rejection_scores(emb_ref, emb_val, labels[levels[0]][tr], p1, classes[0],

@@ -1,0 +1,231 @@
+"""Does the query cell's *expression* tell an unseen cell type better than the embedding does?
+
+    python benchmarks/validate_rejection_expression.py [--out benchmarks/out/rejection_expression]
+
+A candidate for the unknown-type score (issue 11: CD8-removed AUROC ≥ 0.90): how badly the cell's
+gene proportions ``p`` fit the best-fitting reference type's mean profile ``μ_t`` (level 1, mixed
+with the reference's mean profile by ``ALPHA``), beside the confidence mapping uses today (balanced
+vote share × head probability, teacher + student embedding). Misfit variants:
+
+* ``cross-entropy``: ``min_t −Σ_g p_g log μ_tg`` (the multinomial log-likelihood per UMI);
+* ``over the mean profile``: the same minus the reference mean profile's cross-entropy;
+* ``KL, depth-corrected``: ``min_t KL(p ‖ μ_t)``, its dependence on the cell's log library size
+  (quadratic, fitted on the reference cells) removed.
+
+Each reference cell's misfit uses its own type's profile without itself (leave-one-out); a query
+cell's *fit* is the fraction of reference cells that fit worse. Scores: the misfit alone and
+``confidence × fit``. Reported per left-out type: AUROC for "is the left-out type", and at a
+threshold that rejects 5% of the reference cells (as the build calibrates), the fraction of known
+validation cells rejected and of unseen ones caught.
+
+Reference-only splits (the scored queries are never read), one model per left-out type, trained
+in-process at the atlas settings (``validate_heads.py``): pbmc10k — the task's 80% reference split
+again 80/20, NK / B / CD4 T / monocytes left out of training; liao2020 — reference patient C144
+trains, C146 validates as an unseen donor (input statistics), Epithelial / Macrophages / T left
+out, and nothing left out (neutrophils: one C144 cell, 257 C146 cells — unseen in effect).
+
+``another run``: no model; the misfit of pbmc5k's cells (another 10x PBMC run, the same 4,000
+genes, every type known to pbmc10k) against the pbmc10k reference split's profiles, and of the
+held-out 20% of that split: the fraction rejected at the 5% reference-calibrated threshold (a
+score that holds across runs rejects ≈ 5% of both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from quality_tasks.common import data_file  # noqa: E402
+from validate_embedding import balanced_vote  # noqa: E402
+from validate_heads import _codes, _normalise, _split_liao, _split_pbmc10k, embed_validation, fit_with_heads  # noqa: E402
+
+ALPHA = 0.01
+K, BALANCE, RATE = 25, 0.5, 0.05
+HELD_OUT = {"pbmc10k": ["NK", "B", "CD4 T", "monocytes"], "liao": ["Epithelial", "Macrophages", "T", "-"]}
+#: liao: with nothing left out, the neutrophils (one training cell) are the unseen type.
+UNSEEN_WITHOUT_LEFT_OUT = "Neutrophil"
+
+
+def train_left_out(task: str, adata, train, levels, domain, held: str, seed: int = 0) -> dict:
+    """A model trained without ``held`` (level 1); embeddings and level-1 head probabilities."""
+    from atlas.data.batches import csr_to_batch
+    from atlas.train.step import take_rows
+
+    counts = sp.csr_matrix(adata.layers["counts"] if "counts" in adata.layers else adata.X)
+    labels = {lv: adata.obs[lv].astype(str).replace({"nan": "", "undefined": ""}).to_numpy() for lv in levels}
+    tr = np.flatnonzero(train & (labels[levels[0]] != held))
+    va = np.flatnonzero(~train & (labels[levels[0]] != ""))
+    classes = [sorted(set(labels[lv][tr]) - {""}) for lv in levels]
+    codes = np.stack([_codes(labels[lv], c) for lv, c in zip(levels, classes)], axis=1)
+    full = {**csr_to_batch({"RNA": counts}, domain=domain), "labels": torch.from_numpy(codes)}
+    train_batch, val_batch = take_rows(full, torch.as_tensor(tr)), take_rows(full, torch.as_tensor(va))
+    if task == "liao":  # the validation patient is a donor the model never saw
+        val_batch["domain"] = torch.full_like(val_batch["domain"], -1)
+    model = fit_with_heads(train_batch, counts.shape[1], classes, codes[tr], 3.0, seed)
+    emb_ref, emb_val = model.embed(train_batch).numpy(), embed_validation(model, val_batch, None)
+    return {"tr": tr, "va": va, "classes": classes[0], "emb_ref": emb_ref, "emb_val": emb_val,
+            "p_val": model.head_probabilities(torch.from_numpy(emb_val))[0].numpy(),
+            "p_ref": model.head_probabilities(torch.from_numpy(emb_ref))[0].numpy()}
+
+
+def confidence(emb_ref, emb_query, ref_l1, p, classes, leave_one_out: bool) -> np.ndarray:
+    """Balanced vote share × head probability of the voted type (the mapping rule for this embedding)."""
+    sims = _normalise(emb_query) @ _normalise(emb_ref).T
+    if leave_one_out:
+        np.fill_diagonal(sims, -np.inf)
+    vote, share = balanced_vote(sims, ref_l1, K, BALANCE)
+    index = {c: i for i, c in enumerate(classes)}
+    return share * np.array([p[i, index[c]] if c in index else 0.0 for i, c in enumerate(vote)])
+
+
+def misfits(proportions: sp.csr_matrix, library: np.ndarray, tr: np.ndarray, va: np.ndarray, ref_l1: np.ndarray,
+            types: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per variant ``(validation misfit, reference misfit leave-one-out)``."""
+    pr, pv = proportions[tr], proportions[va]
+    n_genes = pr.shape[1]
+    sums = np.stack([np.asarray(pr[ref_l1 == t].sum(0)).ravel() for t in types])
+    n_t = np.array([(ref_l1 == t).sum() for t in types], float)
+    mean = np.asarray(pr.mean(0)).ravel()
+    floor = 1e-3 / n_genes
+    mu = (1 - ALPHA) * sums / n_t[:, None] + ALPHA * mean[None] + floor
+    log_mu = np.log(mu / mu.sum(1, keepdims=True))
+    ce_val = -np.asarray(pv @ log_mu.T)
+    ce_ref = -np.asarray(pr @ log_mu.T)
+    own: dict[str, int] = {t: i for i, t in enumerate(types)}
+    for i in range(pr.shape[0]):  # the cell's own type's profile without the cell
+        t = own.get(str(ref_l1[i]))
+        if t is None or n_t[t] < 2:
+            continue
+        row = pr[i]
+        m = (1 - ALPHA) * (sums[t, row.indices] - row.data) / (n_t[t] - 1) + ALPHA * mean[row.indices] + floor
+        ce_ref[i, t] = -(row.data @ np.log(m / mu[t].sum()))
+    log_mean = np.log((mean + floor) / (mean + floor).sum())
+    best_val, best_ref = ce_val.min(1), ce_ref.min(1)
+
+    def entropy(x):
+        d = x.copy()
+        d.data = -d.data * np.log(d.data)
+        return np.asarray(d.sum(1)).ravel()
+
+    kl_val, kl_ref = best_val - entropy(pv), best_ref - entropy(pr)
+    depth = lambda rows: np.stack([np.ones(rows.size), np.log(library[rows]), np.log(library[rows]) ** 2], 1)  # noqa: E731
+    coef = np.linalg.lstsq(depth(tr), kl_ref, rcond=None)[0]
+    return {"cross-entropy": (best_val, best_ref),
+            "cross-entropy over the mean profile's": (best_val + pv @ log_mean, best_ref + pr @ log_mean),
+            "KL, depth-corrected": (kl_val - depth(va) @ coef, kl_ref - depth(tr) @ coef)}
+
+
+def evaluate(unknown_val: np.ndarray, unknown_ref: np.ndarray, is_unseen: np.ndarray) -> dict:
+    from sklearn.metrics import roc_auc_score
+
+    threshold = np.quantile(unknown_ref, 1 - RATE)
+    rejected = unknown_val > threshold
+    return {"auroc": round(float(roc_auc_score(is_unseen, unknown_val)), 4),
+            "known_rejected": round(float(rejected[~is_unseen].mean()), 4),
+            "unseen_caught": round(float(rejected[is_unseen].mean()), 4)}
+
+
+def run(task: str) -> dict:
+    adata, train, levels, domain = (_split_liao if task == "liao" else _split_pbmc10k)()
+    counts = sp.csr_matrix(adata.layers["counts"] if "counts" in adata.layers else adata.X).astype(np.float64)
+    library = np.maximum(np.asarray(counts.sum(1)).ravel(), 1)
+    proportions = sp.csr_matrix(sp.diags(1 / library) @ counts)
+    l1 = adata.obs[levels[0]].astype(str).replace({"nan": "", "undefined": ""}).to_numpy()
+    out = {}
+    for held in HELD_OUT[task]:
+        t0 = time.perf_counter()
+        m = train_left_out(task, adata, train, levels, domain, held)
+        tr, va, classes = m["tr"], m["va"], m["classes"]
+        ref_l1 = l1[tr]
+        is_unseen = l1[va] == (held if held != "-" else UNSEEN_WITHOUT_LEFT_OUT)
+        conf_val = confidence(m["emb_ref"], m["emb_val"], ref_l1, m["p_val"], classes, False)
+        conf_ref = confidence(m["emb_ref"], m["emb_ref"], ref_l1, m["p_ref"], classes, True)
+        row = {"confidence (today)": evaluate(1 - conf_val, 1 - conf_ref, is_unseen)}
+        for name, (mis_val, mis_ref) in misfits(proportions, library, tr, va, ref_l1,
+                                                [c for c in classes if (ref_l1 == c).any()]).items():
+            ordered = np.sort(mis_ref)
+            fit_val = 1 - np.searchsorted(ordered, mis_val) / ordered.size
+            fit_ref = 1 - np.searchsorted(ordered, mis_ref) / ordered.size
+            row[f"{name}"] = evaluate(mis_val, mis_ref, is_unseen)
+            row[f"confidence x fit ({name})"] = evaluate(1 - conf_val * fit_val, 1 - conf_ref * fit_ref, is_unseen)
+        key = f"{task}: {held if held != '-' else 'nothing (neutrophils)'} left out"
+        out[key] = {"unseen_cells": int(is_unseen.sum()), "cells": int(va.size), "scores": row,
+                    "seconds": round(time.perf_counter() - t0, 1)}
+        print(f"[{key}] " + "; ".join(f"{n}: {v}" for n, v in row.items()), flush=True)
+    return out
+
+
+def another_run() -> dict:
+    """Fraction of known cells each misfit rejects at the 5% threshold: same run vs another run."""
+    import anndata as ad
+
+    adata, train, levels, _ = _split_pbmc10k()
+    query = ad.read_h5ad(data_file("pbmc5k_10x_totalvi_rna4000hvg_noprotein.h5ad"))
+    if list(query.var_names) != list(adata.var_names):
+        raise SystemExit("pbmc5k and pbmc10k do not share their 4,000 genes in order")
+    counts = sp.vstack([sp.csr_matrix(a.layers["counts"] if "counts" in a.layers else a.X) for a in (adata, query)],
+                       format="csr").astype(np.float64)
+    library = np.maximum(np.asarray(counts.sum(1)).ravel(), 1)
+    proportions = sp.csr_matrix(sp.diags(1 / library) @ counts)
+    l1 = np.concatenate([adata.obs[levels[0]].astype(str).replace({"nan": "", "undefined": ""}).to_numpy(),
+                         np.full(query.n_obs, "")])
+    tr = np.flatnonzero(np.concatenate([train, np.zeros(query.n_obs, bool)]) & (l1 != ""))
+    types = sorted(set(l1[tr]) - {""})
+    out: dict[str, dict[str, float]] = {}
+    for name, va in (("pbmc10k, held-out 20% (same run)", np.flatnonzero(~train)),
+                     ("pbmc5k (another 10x run)", np.arange(adata.n_obs, counts.shape[0]))):
+        for variant, (mis_val, mis_ref) in misfits(proportions, library, tr, va, l1[tr], types).items():
+            out.setdefault(variant, {})[name] = round(float((mis_val > np.quantile(mis_ref, 1 - RATE)).mean()), 4)
+    print(f"[another run] {out}", flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", default="pbmc10k,liao,another-run")
+    parser.add_argument("--out", type=Path,
+                        default=Path(__file__).resolve().parent / "out" / "rejection_expression")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    tasks = args.tasks.split(",")
+    results = {}
+    for task in tasks:
+        if task != "another-run":
+            results.update(run(task))
+    shift = another_run() if "another-run" in tasks else {}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps({"left_out": results, "another_run": shift}, indent=2))
+    lines = []
+    if shift:
+        runs = list(next(iter(shift.values())))
+        lines += ["Known cells rejected at a 5% reference-calibrated threshold (misfit alone)", "",
+                  "| misfit | " + " | ".join(runs) + " |", "|---|" + "---:|" * len(runs)]
+        lines += [f"| {v} | " + " | ".join(f"{r[k]:.3f}" for k in runs) + " |" for v, r in shift.items()]
+        lines.append("")
+    if not results:
+        (args.out / "results.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return
+    names = list(next(iter(results.values()))["scores"])
+    lines += ["AUROC; known cells rejected / unseen cells caught at a 5% reference-calibrated threshold", "",
+             "| score | " + " | ".join(results) + " | mean AUROC |", "|---|" + "---:|" * (len(results) + 1)]
+    for n in names:
+        cells = [results[k]["scores"][n] for k in results]
+        lines.append(f"| {n} | " + " | ".join(
+            f"{c['auroc']:.3f}; {c['known_rejected']:.2f} / {c['unseen_caught']:.2f}" for c in cells)
+            + f" | {np.mean([c['auroc'] for c in cells]):.3f} |")
+    (args.out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
