@@ -80,32 +80,42 @@ def mix_report(names: list[str], overlap: np.ndarray, deep: np.ndarray, referenc
             for n, o, d in zip(names, overlap, deep)}
 
 
+def mix_chooser(heads: Any, reference: ReferenceMix, min_overlap: float = MIN_OVERLAP) -> Any:
+    """``choose(embedding, codes, n_domains) -> (overlap, deep)``: each query domain's mix
+    estimated by the heads on its input-statistics embedding, and whether it adapts every layer
+    (what :func:`atlas.mapping.embedding.embed_auto` asks)."""
+
+    def choose(emb: np.ndarray, codes: np.ndarray, n_domains: int) -> tuple[np.ndarray, np.ndarray]:
+        sums, cells = batch_mix(heads.probabilities(emb)[reference.level], codes, n_domains)
+        overlap = overlaps(sums, cells, reference)
+        return overlap, choose_layers(overlap, min_overlap)
+
+    return choose
+
+
 def embed_by_mix(aligned: Any, decode: Mapping[str, str], domains: Any, embed: Any, heads: Any,
                  manifest: Mapping[str, Any], report: dict[str, Any], min_overlap: float = MIN_OVERLAP
                  ) -> tuple[np.ndarray, dict[str, np.ndarray], Any]:
-    """``domain_statistics="auto"`` for one query: embed with input statistics, estimate each
-    batch's mix with the heads, embed again adapting every layer of the batches whose mix is the
-    reference's (skipped when none is). Returns ``(embedding, decoded, the QueryDomains used)``
-    and writes each batch's choice into ``report["batches"]``."""
+    """``domain_statistics="auto"`` for one query: one call of ``embed`` (the encoder embeds with
+    input statistics, estimates each batch's mix with the heads and adapts every layer of the
+    batches whose mix is the reference's, :func:`atlas.mapping.embedding.embed_auto`), or input
+    statistics where the atlas cannot estimate a mix. Returns ``(embedding, decoded, the
+    QueryDomains used)`` and writes each batch's choice into ``report["batches"]``."""
     from atlas.mapping.domains import QueryDomains
 
-    first = QueryDomains(domains.codes, "input")
-    emb, decoded = embed(aligned, decode, first)
     reference = ReferenceMix.of(manifest, heads)
     n = domains.n_domains()
     if reference is None:
-        overlap, deep = np.full(n, np.nan), np.zeros(n, dtype=bool)
+        emb, decoded, used = embed(aligned, decode, QueryDomains(domains.codes, "input"))
         report["auto"] = "input statistics only: the atlas has no label heads or reference composition to compare with"
-    else:
-        sums, cells = batch_mix(heads.probabilities(emb)[reference.level], domains.codes, n)
-        overlap = overlaps(sums, cells, reference)
-        deep = choose_layers(overlap, min_overlap)
-    record_choice(report, overlap, deep, reference, min_overlap)
-    if not deep.any():
-        return emb, decoded, first
-    resolved = QueryDomains(domains.codes, "all", tuple(bool(d) for d in deep))
-    emb, decoded = embed(aligned, decode, resolved)
-    return emb, decoded, resolved
+        record_choice(report, np.full(n, np.nan), np.zeros(n, dtype=bool), None, min_overlap)
+        return emb, decoded, used
+    emb, decoded, used = embed(aligned, decode, QueryDomains(domains.codes, "auto", min_overlap=min_overlap))
+    if used.overlap is None or len(used.overlap) != n:
+        raise RuntimeError(f"the encoder resolved domain_statistics='auto' without an overlap for each of {n} batches")
+    deep = np.zeros(n, dtype=bool) if used.deep is None else np.asarray(used.deep, dtype=bool)
+    record_choice(report, np.asarray(used.overlap), deep, reference, min_overlap)
+    return emb, decoded, used
 
 
 def record_choice(report: dict[str, Any], overlap: np.ndarray, deep: np.ndarray, reference: ReferenceMix | None,

@@ -65,13 +65,17 @@ def query_domains(batches: np.ndarray | None, has_data: np.ndarray, *, statistic
 class QueryDomains:
     """What the encoder needs: each cell's query domain (``-1``: the reference average) and which
     layers adapt (``"input"`` or ``"all"``, see :func:`atlas.models.recalibrate.with_query_domains`;
-    ``"auto"`` is resolved to one of them per batch before the encoder sees it,
-    :mod:`atlas.mapping.composition`); ``deep`` (with ``"all"``, bool per query domain; None:
-    every one): the domains whose deeper layers adapt too."""
+    ``"auto"``: the encoder chooses per batch by its cell-type mix and returns the domains it
+    used, :mod:`atlas.mapping.composition`); ``deep`` (with ``"all"``, bool per query domain;
+    None: every one): the domains whose deeper layers adapt too."""
 
     codes: np.ndarray
     layers: str = "input"
     deep: tuple[bool, ...] | None = None
+    min_overlap: float | None = None
+    """With ``"auto"`` handed to an encoder: the least mix overlap for every layer to adapt."""
+    overlap: tuple[float, ...] | None = None
+    """Where an encoder resolved ``"auto"``: each query domain's estimated mix overlap."""
 
     def n_domains(self) -> int:
         return int(self.codes.max()) + 1 if self.codes.size and self.codes.max() >= 0 else 0

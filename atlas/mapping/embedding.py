@@ -4,7 +4,7 @@ normalisation statistics per domain (:mod:`atlas.mapping.domains`)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -12,7 +12,14 @@ import scipy.sparse as sp
 import torch
 
 from atlas.data.batches import csr_to_batch
-from atlas.models.recalibrate import has_domain_normalisation, with_query_domains
+from atlas.models.recalibrate import (
+    DomainStatistics,
+    add_query_domains,
+    has_domain_normalisation,
+    keep_query_layers,
+    normalisation_passes,
+    with_query_domains,
+)
 from atlas.train.step import autocast_context
 
 
@@ -46,26 +53,113 @@ def embed_prepared(aligned: Mapping[str, sp.csr_matrix], model: Any, *, max_feat
     return forward(aligned, model, codes, max_features, batch_size, device, dict(decode or {}))
 
 
+#: ``choose(input-statistics embedding, query domain per cell, number of query domains) ->
+#: (mix overlap per domain, whether each domain adapts every layer)``
+Chooser = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+
+
+def embed_auto(aligned: Mapping[str, sp.csr_matrix], model: Any, domains: np.ndarray, choose: Chooser, *,
+               max_features: int | None = None, batch_size: int = 1024, device: str = "cpu",
+               decode: Mapping[str, str] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray,
+                                                                 np.ndarray]:
+    """``domain_statistics="auto"`` in one go: ``(embedding, decoded, overlap, deep)``.
+
+    The same result as embedding with input statistics, letting ``choose`` pick the domains that
+    adapt every layer, and embedding again with :func:`embed_prepared` (``layers="all"``, ``deep``)
+    — in ``passes + 1`` forward passes instead of ``passes + 3``: the pass that embeds with input
+    statistics also records what the deeper layers see (exact, as the input layers feeding them
+    are), and only the cells of the chosen domains are embedded again.
+    """
+    codes = np.asarray(domains, dtype=np.int64)
+    n_query = int(codes.max()) + 1 if codes.size and codes.max() >= 0 else 0
+    decode = dict(decode or {})
+    if not n_query or not has_domain_normalisation(model, "input"):
+        emb, decoded = embed_prepared(aligned, model, max_features=max_features, batch_size=batch_size, device=device,
+                                      decode=decode, domains=codes, layers="input")
+        return emb, decoded, np.full(n_query, np.nan), np.zeros(n_query, dtype=bool)
+    adapted, offset = add_query_domains(model, n_query)
+    shifted = np.where(codes >= 0, codes + offset, -1)
+
+    def run(rows: np.ndarray | None, wanted: Mapping[str, str], statistics: DomainStatistics | None = None):
+        cells = aligned if rows is None else {m: x[rows] for m, x in aligned.items()}
+        at = shifted if rows is None else shifted[rows]
+        if statistics is None:
+            return forward(cells, adapted, at, max_features, batch_size, device, wanted)
+        with statistics.recording():
+            return forward(cells, adapted, at, max_features, batch_size, device, wanted)
+
+    first = DomainStatistics(adapted)  # the input layers: nothing feeds them, one pass is exact
+    run(None, {}, first)
+    first.apply()
+    keep_query_layers(adapted, offset, "input")
+    deeper = DomainStatistics(adapted)
+    # A decoder's own layers must not record (embed_prepared never records them): decode later.
+    emb, decoded = run(None, {} if decode else decode, deeper)
+    overlap, deep = choose(emb, codes, n_query)
+    deep = np.asarray(deep, dtype=bool)
+    if not deep.any():
+        if decode:
+            emb, decoded = run(None, decode)
+        return emb, decoded, np.asarray(overlap, dtype=np.float64), deep
+    deeper.apply()
+    keep_query_layers(adapted, offset, "all", deep)
+    rows = np.flatnonzero((codes >= 0) & deep[np.clip(codes, 0, None)])
+    for _ in range(normalisation_passes(model) - 2):  # longer chains of normalisation layers
+        again = DomainStatistics(adapted)
+        run(rows, {}, again)
+        again.apply()
+        keep_query_layers(adapted, offset, "all", deep)
+    if decode:  # every cell once more, with its decoder outputs
+        emb, decoded = run(None, decode)
+    else:
+        emb[rows] = run(rows, {})[0]
+    return emb, decoded, np.asarray(overlap, dtype=np.float64), deep
+
+
 def max_features_of(manifest: Mapping[str, Any]) -> int | None:
     """The build's cap on features per cell (the query is embedded under the same cap)."""
     return (manifest.get("build_config", {}).get("data", {}) or {}).get("max_features")
 
 
 def local_embed(model: Any, manifest: Mapping[str, Any], *, batch_size: int = 1024, device: str = "cpu",
-                domains_set: bool = False) -> Any:
-    """``embed(aligned, decode, domains) -> (embedding, decoded)`` over a model in this process:
-    what :func:`~atlas.mapping.query.map_query` runs, and what the Serve encoder deployment runs
-    for the ingress (``domains``: :class:`~atlas.mapping.domains.QueryDomains` or None;
-    ``domains_set``: their statistics are already in ``model``)."""
+                domains_set: bool = False, heads: Any = None) -> Any:
+    """``embed(aligned, decode, domains) -> (embedding, decoded, domains used)`` over a model in
+    this process: what :func:`~atlas.mapping.query.map_query` runs, and what the Serve encoder
+    deployment runs for the ingress (``domains``: :class:`~atlas.mapping.domains.QueryDomains` or
+    None; ``domains_set``: their statistics are already in ``model``; ``heads``: the atlas's label
+    heads, which ``"auto"`` estimates each batch's mix with)."""
     max_features = max_features_of(manifest)
 
     def embed(aligned: Mapping[str, sp.csr_matrix], decode: Mapping[str, str], domains: Any):
-        return embed_prepared(aligned, model, max_features=max_features, batch_size=batch_size, device=device,
-                              decode=dict(decode), domains=None if domains is None else domains.codes,
-                              layers="input" if domains is None else domains.layers, domains_set=domains_set,
-                              deep=None if domains is None or domains.deep is None else np.asarray(domains.deep))
+        if domains is not None and domains.layers == "auto" and not domains_set:
+            return embed_resolving(aligned, model, domains, heads, manifest, max_features=max_features,
+                                   batch_size=batch_size, device=device, decode=decode)
+        emb, decoded = embed_prepared(
+            aligned, model, max_features=max_features, batch_size=batch_size, device=device, decode=dict(decode),
+            domains=None if domains is None else domains.codes, layers="input" if domains is None else domains.layers,
+            domains_set=domains_set, deep=None if domains is None or domains.deep is None else np.asarray(domains.deep))
+        return emb, decoded, domains
 
     return embed
+
+
+def embed_resolving(aligned: Mapping[str, sp.csr_matrix], model: Any, domains: Any, heads: Any,
+                    manifest: Mapping[str, Any], **options: Any) -> tuple[np.ndarray, dict[str, np.ndarray], Any]:
+    """:func:`embed_auto` for ``QueryDomains(codes, "auto", min_overlap=…)``; returns the
+    :class:`~atlas.mapping.domains.QueryDomains` it resolved to (``"all"`` with ``deep``, or
+    ``"input"``; ``overlap`` per domain)."""
+    from atlas.mapping.composition import MIN_OVERLAP, ReferenceMix, mix_chooser
+    from atlas.mapping.domains import QueryDomains
+
+    reference = ReferenceMix.of(manifest, heads)
+    if reference is None:
+        raise ValueError("domain_statistics='auto' needs the atlas's label heads and reference composition")
+    choose = mix_chooser(heads, reference, MIN_OVERLAP if domains.min_overlap is None else domains.min_overlap)
+    emb, decoded, overlap, deep = embed_auto(aligned, model, domains.codes, choose, **options)
+    resolved = QueryDomains(domains.codes, "all" if deep.any() else "input",
+                            tuple(bool(d) for d in deep) if deep.any() else None,
+                            overlap=tuple(float(o) for o in overlap))
+    return emb, decoded, resolved
 
 
 def forward(aligned: Mapping[str, sp.csr_matrix], model: Any, domains: np.ndarray, max_features: int | None,

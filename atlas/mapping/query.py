@@ -290,7 +290,7 @@ def map_query(
     root_shard = atlas.shard(atlas.layout.root.shards[0])
     model = model if model is not None else atlas.model(device)
     embed = local_embed(model, atlas.manifest, batch_size=batch_size, device=device,
-                        domains_set=fixed_domains is not None)
+                        domains_set=fixed_domains is not None, heads=atlas.heads())
     return run_mapping(adata, atlas, params, root_levels=list(root_shard.labels),
                        root_profiles=list(root_shard.profiles), embed=embed,
                        searcher=searcher if searcher is not None else LocalSearcher(atlas),
@@ -311,7 +311,7 @@ def run_mapping(
     clock: StageClock | None = None,
 ) -> ad.AnnData:
     """:func:`map_query` with the model and the shards behind callables — the Serve ingress runs
-    this with the encoder deployment as ``embed(aligned, decode, domains) -> (embedding, decoded)``
+    this with the encoder deployment as ``embed(aligned, decode, domains) -> (embedding, decoded, domains used)``
     and a searcher over shard deployments; ``root_levels`` / ``root_profiles`` describe the root
     shard (label levels it carries, modalities it stores profiles of) so the caller need not load it;
     ``clock`` (optional) gets the seconds of each stage: prepare, embed, labels, profiles, assemble."""
@@ -345,7 +345,7 @@ def run_mapping(
             emb, decoded, domains = embed_by_mix(aligned, decode, domains, embed, heads, atlas.manifest, domain_report,
                                                  params.min_mix_overlap)
         else:
-            emb, decoded = embed(aligned, decode, domains)
+            emb, decoded, _ = embed(aligned, decode, domains)
     with clock("labels"):
         typical = (atlas.manifest.get("mapping") or {}).get("typical_similarity")
         balance = vote_balance(atlas.manifest)

@@ -71,27 +71,31 @@ class Encoder:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def embed(self, items: list[tuple[Mapping[str, sp.csr_matrix], Mapping[str, str], Any]]
-                    ) -> list[tuple[np.ndarray, dict[str, np.ndarray], float]]:
+                    ) -> list[tuple[np.ndarray, dict[str, np.ndarray], Any, float]]:
         """Per item ``(aligned CSR per modality, {target: source} to decode, QueryDomains or None)``
-        → ``(embedding, decoded, seconds)``: ``seconds`` is the model time of the batch that held
-        it (the rest of the caller's wait is queueing and transfer)."""
+        → ``(embedding, decoded, QueryDomains used, seconds)``: ``"auto"`` comes back resolved per
+        batch (:func:`~atlas.mapping.embedding.embed_auto`); ``seconds`` is the model time of the
+        batch that held it (the rest of the caller's wait is queueing and transfer)."""
         # Off the event loop: the replica keeps answering health checks while the model runs.
         start = time.perf_counter()
         out = await asyncio.to_thread(self._embed_many, items)
         seconds = time.perf_counter() - start
-        return [(emb, decoded, seconds) for emb, decoded in out]
+        return [(emb, decoded, used, seconds) for emb, decoded, used in out]
 
     def _embed_many(self, items: list[tuple[Mapping[str, sp.csr_matrix], Mapping[str, str], Any]]
-                    ) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
-        # Requests that adapt different layers are embedded apart; the others together, each
-        # request's query domains kept its own (codes offset past the previous request's).
-        layers = {d.layers for _, _, d in items if d is not None}
+                    ) -> list[tuple[np.ndarray, dict[str, np.ndarray], Any]]:
+        # Requests that adapt different layers (or choose them by another overlap) are embedded
+        # apart; the others together, each request's query domains kept its own (codes offset
+        # past the previous request's).
+        layers = {(d.layers, d.min_overlap) for _, _, d in items if d is not None}
         if len(layers) > 1:
             return [out for item in items for out in self._embed_together([item])]
         return self._embed_together(items)
 
     def _embed_together(self, items: list[tuple[Mapping[str, sp.csr_matrix], Mapping[str, str], Any]]
-                        ) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
+                        ) -> list[tuple[np.ndarray, dict[str, np.ndarray], Any]]:
+        from atlas.mapping.domains import QueryDomains
+        from atlas.mapping.embedding import embed_resolving
         from atlas.mapping.query import embed_prepared
 
         sizes = [next(iter(aligned.values())).shape[0] for aligned, _, _ in items]
@@ -102,24 +106,54 @@ class Encoder:
             decode.update(wanted)
         codes, offset, layers = [], 0, "input"
         deep: list[bool] = []
+        firsts, min_overlap = [], None
         for size, (_, _, domains) in zip(sizes, items):
+            firsts.append(offset)
             if domains is None:  # the reference average for every cell of this request
                 codes.append(np.full(size, -1))
                 continue
             d, count = np.asarray(domains.codes), domains.n_domains()
             layers = domains.layers
+            min_overlap = domains.min_overlap if domains.min_overlap is not None else min_overlap
             codes.append(np.where(d >= 0, d + offset, -1))
             deep.extend(domains.deep if domains.deep is not None else [True] * count)
             offset += count
-        emb, decoded = embed_prepared(stacked, self.model, max_features=self.max_features,
-                                      batch_size=self.batch_cells, device=self.device, decode=decode,
-                                      domains=np.concatenate(codes) if offset else None, layers=layers,
-                                      deep=np.asarray(deep, dtype=bool) if offset else None)
+        options: dict[str, Any] = {"max_features": self.max_features, "batch_size": self.batch_cells,
+                                   "device": self.device,
+                   "decode": decode}
+        resolved = None
+        if layers == "auto" and offset:  # every request's batches chosen on their own mixes, in one go
+            emb, decoded, resolved = embed_resolving(
+                stacked, self.model, QueryDomains(np.concatenate(codes), "auto", min_overlap=min_overlap),
+                self.heads(), self.atlas.manifest, **options)
+        else:
+            emb, decoded = embed_prepared(stacked, self.model, domains=np.concatenate(codes) if offset else None,
+                                          layers=layers, deep=np.asarray(deep, dtype=bool) if offset else None,
+                                          **options)
         out = []
         bounds = np.cumsum([0] + sizes)
-        for (_, wanted, _), start, stop in zip(items, bounds[:-1], bounds[1:]):
-            out.append((emb[start:stop], {m: decoded[m][start:stop] for m in wanted}))
+        for (_, wanted, domains), first, start, stop in zip(items, firsts, bounds[:-1], bounds[1:]):
+            used = domains if resolved is None or domains is None else _own_part(resolved, domains, first)
+            out.append((emb[start:stop], {m: decoded[m][start:stop] for m in wanted}, used))
         return out
+
+    def heads(self) -> Any:
+        """The atlas's label heads (read once), which ``"auto"`` estimates each batch's mix with."""
+        if not hasattr(self, "_heads"):
+            self._heads = self.atlas.heads()
+        return self._heads
+
+
+def _own_part(resolved: Any, asked: Any, first: int) -> Any:
+    """One request's share of the domains resolved for a batch of requests (its domains are
+    ``first …`` there)."""
+    from atlas.mapping.domains import QueryDomains
+
+    count = asked.n_domains()
+    overlap = tuple(resolved.overlap[first : first + count]) if resolved.overlap is not None else None
+    deep = tuple(resolved.deep[first : first + count]) if resolved.deep is not None else (False,) * count
+    return QueryDomains(asked.codes, "all" if any(deep) else "input", deep if any(deep) else None,
+                        min_overlap=asked.min_overlap, overlap=overlap)
 
 
 @serve.deployment(name="shard")

@@ -248,10 +248,10 @@ def make_ingress():
         def _embed(self, aligned, decode, domains, clock):
             from atlas.service.remote import call
 
-            emb, decoded, seconds = call(
+            emb, decoded, used, seconds = call(
                 "the encoder", lambda: self.encoder.embed.remote((aligned, dict(decode), domains)), self.policy)
             clock.add("encoder", seconds)  # the model's share of the request's "embed"
-            return emb, decoded
+            return emb, decoded, used
 
         def _map_sync(self, body: bytes, content_type: str, query: Dict[str, Any], out_type: str,
                       clock: Any) -> bytes:

@@ -30,10 +30,11 @@ from atlas.mapping.search import Searcher
 from atlas.timing import StageClock
 from atlas.wire import MapParams
 
-#: ``embed(aligned, decode, domains) -> (embedding float32 [cells, d], {target: decoded float32 [cells, f]})``
-#: (``domains``: :class:`~atlas.mapping.domains.QueryDomains` or None)
+#: ``embed(aligned, decode, domains) -> (embedding float32 [cells, d], {target: decoded float32 [cells, f]},
+#: domains used)`` (``domains``: :class:`~atlas.mapping.domains.QueryDomains` or None; ``"auto"``
+#: comes back resolved, :func:`atlas.mapping.embedding.embed_auto`)
 Embed = Callable[[Mapping[str, sp.csr_matrix], Mapping[str, str], "QueryDomains | None"],
-                 tuple[np.ndarray, dict[str, np.ndarray]]]
+                 tuple[np.ndarray, dict[str, np.ndarray], "QueryDomains | None"]]
 
 
 @dataclass(frozen=True)

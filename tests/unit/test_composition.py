@@ -7,10 +7,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from atlas.mapping.composition import MIN_OVERLAP, ReferenceMix, batch_mix, choose_layers, embed_by_mix, overlaps
+from atlas.mapping.composition import (
+    MIN_OVERLAP,
+    ReferenceMix,
+    batch_mix,
+    choose_layers,
+    embed_by_mix,
+    mix_chooser,
+    overlaps,
+)
 from atlas.mapping.domains import QueryDomains, query_domains
-from atlas.mapping.embedding import embed_prepared
+from atlas.mapping.embedding import embed_auto, embed_prepared, local_embed
 from atlas.mapping.heads import Heads
+from atlas.models.layers import DomainBatchNorm1d
 from tests.unit.test_query_domains import _model_and_cells
 
 CLASSES = ("B", "T")
@@ -77,32 +86,84 @@ def test_deep_mask_adapts_every_layer_of_the_marked_domain_only():
     assert np.abs(all_first - embed_prepared(first, model, domains=np.zeros(n // 2, dtype=int))[0]).max() > 1e-3
 
 
-@pytest.mark.parametrize("composition,expected", [((1, 1), {"mixed": "all", "sorted": "input"}),
-                                                  ((0, 1), {"mixed": "input", "sorted": "all"})])
-def test_auto_adapts_every_layer_where_the_mix_is_the_references(composition, expected):
-    """Batch 'mixed' is half B, half T; batch 'sorted' all T. Against a half-and-half reference
-    only 'mixed' adapts every layer; against an all-T reference only 'sorted' does."""
+@pytest.mark.parametrize("composition,expected", [((1, 1), (True, False)), ((0, 1), (False, True))])
+def test_the_chooser_adapts_every_layer_where_the_mix_is_the_references(composition, expected):
+    """Batch 0 is half B, half T; batch 1 all T. Against a half-and-half reference only batch 0
+    adapts every layer; against an all-T reference only batch 1 does."""
+    n = 40
+    codes = np.repeat([0, 1], n)
+    emb = np.zeros((2 * n, 2), np.float32)
+    emb[: n // 2, 0] = emb[n // 2 :, 1] = 1.0  # batch 0: 20 B then 20 T; batch 1: 40 T
+    reference = ReferenceMix.of(_manifest(*composition), _heads())
+    overlap, deep = mix_chooser(_heads(), reference)(emb, codes, 2)
+    assert tuple(deep) == expected
+    assert overlap[0] == pytest.approx(1.0 if composition == (1, 1) else 0.5, abs=1e-3)
+
+
+def test_auto_asks_the_encoder_once_and_reports_its_choice():
     n = 40
     batches = np.array(["mixed"] * n + ["sorted"] * n)
     domains, report = query_domains(batches, np.ones(2 * n, dtype=bool), statistics="auto", min_cells=10,
                                     batch_key="sample")
     assert domains is not None and domains.layers == "auto"
-    first_pass = np.zeros((2 * n, 2), np.float32)
-    first_pass[: n // 2, 0] = first_pass[n // 2 :, 1] = 1.0  # mixed: 20 B then 20 T; sorted: 40 T
     calls: list[QueryDomains] = []
 
     def embed(aligned, decode, seen):
         calls.append(seen)
-        return (first_pass if len(calls) == 1 else first_pass + 7.0), {}
+        return np.ones((2 * n, 2), np.float32), {}, QueryDomains(seen.codes, "all", (True, False), overlap=(0.9, 0.4))
 
-    emb, _, used = embed_by_mix({}, {}, domains, embed, _heads(), _manifest(*composition), report)
-    assert calls[0].layers == "input"
-    layers = {name: report["batches"][name]["layers"] for name in ("mixed", "sorted")}
-    assert layers == expected
-    assert used.layers == "all" and used.deep == (expected["mixed"] == "all", expected["sorted"] == "all")
-    assert len(calls) == 2 and np.array_equal(emb, first_pass + 7.0)
-    assert report["batches"]["mixed"]["composition_overlap"] == pytest.approx(1.0 if composition == (1, 1) else 0.5,
-                                                                               abs=1e-3)
+    emb, _, used = embed_by_mix({}, {}, domains, embed, _heads(), _manifest(1, 1), report, min_overlap=0.7)
+    assert len(calls) == 1 and calls[0].layers == "auto" and calls[0].min_overlap == 0.7
+    assert used.deep == (True, False)
+    assert {k: (v["layers"], v["composition_overlap"]) for k, v in report["batches"].items()} == {
+        "mixed": ("all", 0.9), "sorted": ("input", 0.4)}
+    assert report["min_overlap"] == 0.7
+
+
+@pytest.mark.parametrize("deep", [(True, False), (False, True), (False, False), (True, True)])
+def test_auto_in_one_go_equals_input_then_every_layer(deep):
+    """embed_auto gives what embedding with input statistics and again with every layer adapted
+    for the chosen batches gives, from 3 forward passes over the cells instead of 5; the chooser
+    sees the input-statistics embedding."""
+    model, aligned = _model_and_cells()
+    n = aligned["protein"].shape[0]
+    codes = np.where(np.arange(n) < n // 2, 0, 1)
+    seen = []
+
+    def choose(emb, c, n_domains):
+        seen.append(emb.copy())
+        return np.array([0.5, 0.5]), np.array(deep)
+
+    passes = []  # forward passes through the input normalisation (the mapping copy keeps the hook)
+    first = next(m for m in model.modules() if isinstance(m, DomainBatchNorm1d) and m.normalises_input)
+    hook = first.register_forward_pre_hook(lambda module, inputs: passes.append(1))
+    try:
+        emb, _, overlap, chosen = embed_auto(aligned, model, codes, choose, batch_size=4 * n)
+    finally:
+        hook.remove()
+    assert len(passes) == (3 if any(deep) else 2)
+    input_emb, _ = embed_prepared(aligned, model, domains=codes, layers="input")
+    np.testing.assert_allclose(seen[0], input_emb, atol=1e-5)
+    expected = embed_prepared(aligned, model, domains=codes, layers="all", deep=np.array(deep))[0] if any(deep) \
+        else input_emb
+    np.testing.assert_allclose(emb, expected, atol=1e-5)
+    assert tuple(chosen) == deep and list(overlap) == [0.5, 0.5]
+
+
+def test_local_embed_resolves_auto_with_the_atlas_heads():
+    model, aligned = _model_and_cells()
+    n = aligned["protein"].shape[0]
+    codes = np.where(np.arange(n) < n // 2, 0, 1)
+    width = embed_prepared(aligned, model)[0].shape[1]
+    heads = Heads(levels=("l1",), classes=(CLASSES,), weights=((np.zeros((2, width), np.float32), np.zeros(2)),))
+    embed = local_embed(model, _manifest(1, 1), heads=heads)
+    emb, _, used = embed(aligned, {}, QueryDomains(codes, "auto", min_overlap=0.6))
+    # Heads that cannot tell B from T estimate a half-and-half mix for every batch: all adapt.
+    assert used.layers == "all" and used.deep == (True, True)
+    assert used.overlap == pytest.approx((1.0, 1.0))
+    np.testing.assert_allclose(emb, embed_prepared(aligned, model, domains=codes, layers="all")[0], atol=1e-5)
+    _, _, strict = embed(aligned, {}, QueryDomains(codes, "auto", min_overlap=1.01))
+    assert strict.layers == "input" and strict.deep is None
 
 
 def test_auto_without_heads_keeps_input_statistics_and_says_so():
@@ -112,7 +173,7 @@ def test_auto_without_heads_keeps_input_statistics_and_says_so():
 
     def embed(aligned, decode, seen):
         calls.append(seen)
-        return np.zeros((n, 2), np.float32), {}
+        return np.zeros((n, 2), np.float32), {}, seen
 
     _, _, used = embed_by_mix({}, {}, domains, embed, None, _manifest(1, 1), report)
     assert len(calls) == 1 and used.layers == "input"

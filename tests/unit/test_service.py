@@ -21,7 +21,7 @@ def _pipeline(atlas):
     from atlas.service.pipeline import MappingPipeline, root_info
 
     root = root_info([describe_shard(atlas.shard(n)) for n in atlas.layout.root.shards])
-    return MappingPipeline(atlas, root), local_embed(atlas.model(), atlas.manifest), LocalSearcher(atlas)
+    return MappingPipeline(atlas, root), local_embed(atlas.model(), atlas.manifest, heads=atlas.heads()), LocalSearcher(atlas)
 
 
 def _as_payload(adata) -> QueryPayload:
