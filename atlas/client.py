@@ -218,7 +218,7 @@ class AtlasClient:
         if len(rest):
             groups.append((rest, None, params.model_copy(update={"batch_key": None, "batch": None}),
                            min(self.max_cells_per_request, server_cells)))
-        jobs = [(rows[a : a + size], name, p.to_json()) for rows, name, p, size in groups
+        jobs = [(rows[a : a + size], name, p.to_request()) for rows, name, p, size in groups
                 for a in range(0, len(rows), size)]
 
         with _progress(progress, n) as advance:

@@ -158,8 +158,14 @@ class MapParams(BaseModel):
             raise MappingError("; ".join(_message(e) for e in err.errors())) from None
 
     def to_json(self) -> dict[str, Any]:
-        """JSON-typed values (what a request body's ``params`` holds)."""
+        """Every parameter, JSON-typed (the service describes its defaults with it)."""
         return self.model_dump()
+
+    def to_request(self) -> dict[str, Any]:
+        """The parameters that differ from their defaults, JSON-typed: what a request body's
+        ``params`` holds. A service takes its defaults for the rest, so a client newer than the
+        service only fails where it asks for a parameter the service does not know."""
+        return self.model_dump(exclude_defaults=True)
 
 
 PARAM_NAMES = tuple(MapParams.model_fields)

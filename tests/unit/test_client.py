@@ -127,3 +127,14 @@ def test_bad_parameters_and_empty_queries_fail_before_sending():
         client.map(_query(5)[:0], progress=False)
     assert server.posts == []
     assert json.loads(json.dumps(wire.MapParams().to_json()))["thresholds"] == "calibrated"
+
+
+def test_requests_carry_only_the_parameters_that_differ_from_the_defaults():
+    """An older service, which lacks a newer parameter, still answers a client that leaves it at
+    its default; what a request does ask for reaches the service."""
+    server = Server()
+    client = _client(server)
+    out = client.map(_query(5), k_coarse=7, progress=False)
+    assert out.uns["atlas"]["params"] == {"k_coarse": 7}
+    assert wire.MapParams().to_request() == {}
+    assert wire.MapParams(thresholds=None, levels=["l1"]).to_request() == {"thresholds": None, "levels": ["l1"]}
