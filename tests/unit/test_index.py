@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from atlas.index import TorchFlatIndex, build_index, index_kind, load_index, merge_topk, save_index, search
-from atlas.index.faiss_index import _want_gpu, ivf_nlist
+from atlas.index.faiss_index import RECALL_K, TARGET_RECALL, _want_gpu, ivf_nlist, tune_nprobe
 
 faiss.omp_set_num_threads(2)
 
@@ -62,7 +62,36 @@ def test_auto_switches_to_ivf_above_exact_below():
     index = build_index(x, exact_below=1_000, use_gpu=False)
     assert index_kind(index) == "ivf"
     ivf = faiss.extract_index_ivf(index)
-    assert ivf.nlist == ivf_nlist(2_000) and ivf.nprobe >= 8
+    assert ivf.nlist == ivf_nlist(2_000) and 1 <= ivf.nprobe <= ivf.nlist
+
+
+def test_ivf_probes_the_fewest_lists_that_reach_the_target_recall(clustered):
+    """Tuned at build on reference cells' nearest other cells: the chosen probe count reaches the
+    target there, half of it does not, and new cells near the reference are found as well."""
+    x, queries, exact = clustered
+    index = build_index(x, kind="ivf", use_gpu=False, seed=0)
+    ivf = faiss.extract_index_ivf(index)
+    chosen = ivf.nprobe
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    rows = np.sort(np.random.default_rng(0).choice(len(x), 1000, replace=False))
+    _, truth = _cosine_topk(x, x[rows], RECALL_K + 1)
+
+    def recall_at(nprobe):
+        ivf.nprobe = nprobe
+        _, found = search(index, unit[rows], RECALL_K + 1)
+        return np.mean([len((set(a) & set(b)) - {r}) / RECALL_K for a, b, r in zip(found, truth, rows)])
+
+    assert recall_at(chosen) >= TARGET_RECALL
+    if chosen > 1:
+        assert recall_at(chosen // 2) < TARGET_RECALL
+    assert tune_nprobe(index, unit, seed=0)[0] == chosen  # reproducible
+    _, pos = search(index, queries, 10)
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(pos, exact)]) >= 0.95
+    # An explicit nprobe is kept as given.
+    assert faiss.extract_index_ivf(build_index(x, kind="ivf", use_gpu=False, nprobe=3)).nprobe == 3
+    # A tiny index: every list if nothing less reaches the target.
+    small = build_index(x[:100], kind="ivf", use_gpu=False, nlist=2)
+    assert faiss.extract_index_ivf(small).nprobe in (1, 2)
 
 
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
