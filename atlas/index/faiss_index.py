@@ -199,6 +199,17 @@ def _want_gpu(use_gpu: bool | None) -> str | None:
     return None
 
 
+def search_parameters(index: Any) -> dict[str, int]:
+    """What an approximate CPU index searches with (``nprobe`` of IVF, ``ef_search`` of HNSW; empty
+    for an exact index), for the shard's description."""
+    kind = index_kind(index)
+    if kind == "ivf" and not type(index).__name__.startswith("Gpu"):
+        return {"nprobe": int(faiss.extract_index_ivf(index).nprobe)}
+    if kind == "hnsw":
+        return {"ef_search": int(index.hnsw.efSearch)}
+    return {}
+
+
 def to_gpu(index: Any, device: int = 0) -> Any:
     """Move a CPU faiss index to a GPU, keeping ``nprobe``."""
     nprobe = getattr(faiss.extract_index_ivf(index), "nprobe", None) if _is_ivf(index) else None

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
-from atlas.index.faiss_index import IndexKind, build_index, load_index, save_index
+from atlas.index.faiss_index import IndexKind, build_index, load_index, save_index, search_parameters, to_cpu
 from atlas.index.faiss_index import index_kind as kind_of_index
 
 SHARD_FORMAT = 1
@@ -132,6 +132,7 @@ def write_shard(directory: str | Path, shard: Shard) -> Path:
         "n_cells": shard.n_cells,
         "dim": int(shard.index.d),
         "index_kind": kind_of_index(shard.index),
+        "search": search_parameters(to_cpu(shard.index)) if kind_of_index(shard.index) != "flat" else {},
         "level": shard.level,
         "group": list(shard.group),
         "levels": list(shard.labels),

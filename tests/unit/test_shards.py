@@ -128,6 +128,16 @@ def test_write_load_round_trip(reference, tmp_path):
     assert (tmp_path / "fine/NK_ILC/shard.json").is_file()
 
 
+def test_an_ivf_shard_says_how_many_lists_it_probes(reference, tmp_path):
+    import json
+
+    _build(reference, ["l1"], out_dir=tmp_path, index_kind="ivf")
+    meta = json.loads((tmp_path / "coarse" / "shard.json").read_text())
+    index = load_shard(tmp_path / "coarse").index
+    assert meta["index_kind"] == "ivf"
+    assert meta["search"] == {"nprobe": faiss.extract_index_ivf(index).nprobe}
+
+
 def test_shard_checks_lengths_and_reserved_names():
     index = build_index(np.eye(3, dtype=np.float32), use_gpu=False)
     ok = dict(name="s", index=index, soma_joinid=np.arange(3), dataset_id=np.array(["d"] * 3))
