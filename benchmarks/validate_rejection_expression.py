@@ -73,18 +73,40 @@ def train_left_out(task: str, adata, train, levels, domain, held: str, seed: int
     model = fit_with_heads(train_batch, counts.shape[1], classes, codes[tr], 3.0, seed)
     emb_ref, emb_val = model.embed(train_batch).numpy(), embed_validation(model, val_batch, None)
     return {"tr": tr, "va": va, "classes": classes[0], "emb_ref": emb_ref, "emb_val": emb_val,
+            "teacher_dim": int(model.config.embed_dim),
             "p_val": model.head_probabilities(torch.from_numpy(emb_val))[0].numpy(),
             "p_ref": model.head_probabilities(torch.from_numpy(emb_ref))[0].numpy()}
 
 
-def confidence(emb_ref, emb_query, ref_l1, p, classes, leave_one_out: bool) -> np.ndarray:
-    """Balanced vote share × head probability of the voted type (the mapping rule for this embedding)."""
+def confidence(emb_ref, emb_query, ref_l1, p, classes, leave_one_out: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(balanced vote share × head probability of the voted type, the voted type)``: the mapping
+    rule for this embedding."""
     sims = _normalise(emb_query) @ _normalise(emb_ref).T
     if leave_one_out:
         np.fill_diagonal(sims, -np.inf)
     vote, share = balanced_vote(sims, ref_l1, K, BALANCE)
     index = {c: i for i, c in enumerate(classes)}
-    return share * np.array([p[i, index[c]] if c in index else 0.0 for i, c in enumerate(vote)])
+    return share * np.array([p[i, index[c]] if c in index else 0.0 for i, c in enumerate(vote)]), vote
+
+
+def teacher_closeness(emb_ref: np.ndarray, emb_query: np.ndarray, ref_l1: np.ndarray, voted: np.ndarray,
+                      width: int, leave_one_out: bool) -> np.ndarray:
+    """``min(1, s / typical[voted])``: the cell's mean similarity to its K nearest reference cells
+    in the teacher half of the embedding, over that of the voted type's reference cells to theirs
+    (leave-one-out), as the teacher-only atlases' confidence has it."""
+    r, q = _normalise(emb_ref[:, :width]), _normalise(emb_query[:, :width])
+
+    def closeness(a, exclude_self):
+        sims = a @ r.T
+        if exclude_self:
+            np.fill_diagonal(sims, -np.inf)
+        return np.sort(sims, axis=1)[:, -K:].mean(1)
+
+    own = closeness(r, True)
+    typical = {c: float(np.median(own[ref_l1 == c])) for c in set(ref_l1) if c}
+    fallback = float(np.median(own))
+    close = own if leave_one_out else closeness(q, False)
+    return np.minimum(close / np.array([typical.get(c, fallback) for c in voted]), 1.0)
 
 
 def misfits(proportions: sp.csr_matrix, library: np.ndarray, tr: np.ndarray, va: np.ndarray, ref_l1: np.ndarray,
@@ -147,9 +169,13 @@ def run(task: str) -> dict:
         tr, va, classes = m["tr"], m["va"], m["classes"]
         ref_l1 = l1[tr]
         is_unseen = l1[va] == (held if held != "-" else UNSEEN_WITHOUT_LEFT_OUT)
-        conf_val = confidence(m["emb_ref"], m["emb_val"], ref_l1, m["p_val"], classes, False)
-        conf_ref = confidence(m["emb_ref"], m["emb_ref"], ref_l1, m["p_ref"], classes, True)
+        conf_val, vote_val = confidence(m["emb_ref"], m["emb_val"], ref_l1, m["p_val"], classes, False)
+        conf_ref, vote_ref = confidence(m["emb_ref"], m["emb_ref"], ref_l1, m["p_ref"], classes, True)
         row = {"confidence (today)": evaluate(1 - conf_val, 1 - conf_ref, is_unseen)}
+        rel_val = teacher_closeness(m["emb_ref"], m["emb_val"], ref_l1, vote_val, m["teacher_dim"], False)
+        rel_ref = teacher_closeness(m["emb_ref"], m["emb_ref"], ref_l1, vote_ref, m["teacher_dim"], True)
+        row["confidence x relative similarity, teacher half"] = evaluate(1 - conf_val * rel_val, 1 - conf_ref * rel_ref,
+                                                                          is_unseen)
         for name, (mis_val, mis_ref) in misfits(proportions, library, tr, va, ref_l1,
                                                 [c for c in classes if (ref_l1 == c).any()]).items():
             ordered = np.sort(mis_ref)
