@@ -126,13 +126,15 @@ def write_shard(directory: str | Path, shard: Shard) -> Path:
         (out / "profiles").mkdir(exist_ok=True)
         profile_info[modality] = _write_profile(out / "profiles" / f"{modality}.npz", features, values)
 
+    kind = kind_of_index(shard.index)
     meta = {
         "format": SHARD_FORMAT,
         "name": shard.name,
         "n_cells": shard.n_cells,
         "dim": int(shard.index.d),
-        "index_kind": kind_of_index(shard.index),
-        "search": search_parameters(to_cpu(shard.index)) if kind_of_index(shard.index) != "flat" else {},
+        "index_kind": kind,
+        # an exact index has no search parameters (and a GPU one is not copied back to learn that)
+        "search": search_parameters(to_cpu(shard.index)) if kind != "flat" else {},
         "level": shard.level,
         "group": list(shard.group),
         "levels": list(shard.labels),

@@ -18,6 +18,7 @@ from atlas.models.recalibrate import (
     has_domain_normalisation,
     keep_query_layers,
     normalisation_passes,
+    record_pass,
     with_query_domains,
 )
 from atlas.train.step import autocast_context
@@ -88,13 +89,10 @@ def embed_auto(aligned: Mapping[str, sp.csr_matrix], model: Any, domains: np.nda
         with statistics.recording():
             return forward(cells, adapted, at, max_features, batch_size, device, wanted)
 
-    first = DomainStatistics(adapted)  # the input layers: nothing feeds them, one pass is exact
-    run(None, {}, first)
-    first.apply()
-    keep_query_layers(adapted, offset, "input")
+    record_pass(adapted, offset, lambda: run(None, {}), "input")  # nothing feeds the input layers: exact
     deeper = DomainStatistics(adapted)
     # A decoder's own layers must not record (embed_prepared never records them): decode later.
-    emb, decoded = run(None, {} if decode else decode, deeper)
+    emb, decoded = run(None, {}, deeper)
     overlap, deep = choose(emb, codes, n_query)
     deep = np.asarray(deep, dtype=bool)
     if not deep.any():
@@ -105,10 +103,7 @@ def embed_auto(aligned: Mapping[str, sp.csr_matrix], model: Any, domains: np.nda
     keep_query_layers(adapted, offset, "all", deep)
     rows = np.flatnonzero((codes >= 0) & deep[np.clip(codes, 0, None)])
     for _ in range(normalisation_passes(model) - 2):  # longer chains of normalisation layers
-        again = DomainStatistics(adapted)
-        run(rows, {}, again)
-        again.apply()
-        keep_query_layers(adapted, offset, "all", deep)
+        record_pass(adapted, offset, lambda: run(rows, {}), "all", deep)
     if decode:  # every cell once more, with its decoder outputs
         emb, decoded = run(None, decode)
     else:

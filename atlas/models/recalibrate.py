@@ -19,12 +19,15 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from atlas.models.layers import DomainBatchNorm1d
+
+T = TypeVar("T")
 
 RECALIBRATION_PASSES = 2
 """Passes over the reference: enough for the teacher (value normalisation → pooled normalisation)."""
@@ -181,12 +184,23 @@ def with_query_domains(model: nn.Module, n_query: int, forward: Callable[[nn.Mod
     adapted, offset = add_query_domains(model, n_query)
     passes = normalisation_passes(model) if passes is None else passes
     for _ in range(query_passes(layers, passes) if n_query and has_domain_normalisation(model, layers) else 0):
-        statistics = DomainStatistics(adapted)
-        with statistics.recording():
-            forward(adapted, offset)
-        statistics.apply()
-        keep_query_layers(adapted, offset, layers, deep)
+        record_pass(adapted, offset, lambda: forward(adapted, offset), layers, deep)
     return adapted, offset
+
+
+@torch.no_grad()
+def record_pass(adapted: nn.Module, offset: int, run: Callable[[], T], layers: str = "input",
+                deep: np.ndarray | None = None) -> T:
+    """One recording pass over a copy from :func:`add_query_domains`: ``run()`` (a forward pass
+    over query cells), then every recorded domain's statistics set exactly, and the layers that
+    ``layers`` / ``deep`` do not adapt unset again (:func:`keep_query_layers`); returns what
+    ``run`` returned."""
+    statistics = DomainStatistics(adapted)
+    with statistics.recording():
+        result = run()
+    statistics.apply()
+    keep_query_layers(adapted, offset, layers, deep)
+    return result
 
 
 def query_passes(layers: str, passes: int = RECALIBRATION_PASSES) -> int:

@@ -42,6 +42,7 @@ class Encoder:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
         self.model = self.atlas.model(device)  # hashes the weights first
+        self.label_heads = self.atlas.heads()  # what "auto" estimates each batch's mix with (None: unlabelled)
         self.max_features = max_features_of(self.atlas.manifest)
         self.batch_cells = batch_cells
         self.embed.set_max_batch_size(max_batch_size)
@@ -119,13 +120,12 @@ class Encoder:
             deep.extend(domains.deep if domains.deep is not None else [True] * count)
             offset += count
         options: dict[str, Any] = {"max_features": self.max_features, "batch_size": self.batch_cells,
-                                   "device": self.device,
-                   "decode": decode}
+                                   "device": self.device, "decode": decode}
         resolved = None
         if layers == "auto" and offset:  # every request's batches chosen on their own mixes, in one go
             emb, decoded, resolved = embed_resolving(
                 stacked, self.model, QueryDomains(np.concatenate(codes), "auto", min_overlap=min_overlap),
-                self.heads(), self.atlas.manifest, **options)
+                self.label_heads, self.atlas.manifest, **options)
         else:
             emb, decoded = embed_prepared(stacked, self.model, domains=np.concatenate(codes) if offset else None,
                                           layers=layers, deep=np.asarray(deep, dtype=bool) if offset else None,
@@ -136,12 +136,6 @@ class Encoder:
             used = domains if resolved is None or domains is None else _own_part(resolved, domains, first)
             out.append((emb[start:stop], {m: decoded[m][start:stop] for m in wanted}, used))
         return out
-
-    def heads(self) -> Any:
-        """The atlas's label heads (read once), which ``"auto"`` estimates each batch's mix with."""
-        if not hasattr(self, "_heads"):
-            self._heads = self.atlas.heads()
-        return self._heads
 
 
 def _own_part(resolved: Any, asked: Any, first: int) -> Any:
