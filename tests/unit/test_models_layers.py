@@ -2,6 +2,8 @@
 
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from atlas.models.layers import (
     DomainBatchNorm1d,
@@ -193,3 +195,59 @@ def test_score_table_matches_exact_scores_and_falls_back_outside_its_range():
     with torch.enable_grad():  # training scores exactly, with gradients
         _, tw = pool.pool_scaled_rows(table, ids, scale, row, 30, chunk=64)
     torch.testing.assert_close(tw.detach(), exact_w, atol=1e-7, rtol=1e-6)
+
+
+def test_score_table_is_shared_by_copies_of_the_same_weights(monkeypatch):
+    """A deep copy (the copy that holds a query's own normalisation statistics) and a model loaded
+    again reuse the table built for the same weights instead of rebuilding it (seconds on one
+    thread for a whole-genome vocabulary); different weights never share one."""
+    import copy
+
+    from atlas.models import layers
+    from atlas.models.layers import MaskedAttentionPool
+
+    monkeypatch.setattr(layers, "_SCORE_TABLES", layers.ContentCache(size=2))
+    built = []
+    real_build = MaskedAttentionPool._build_score_table
+
+    def counting(self, table):
+        built.append(1)
+        return real_build(self, table)
+
+    monkeypatch.setattr(MaskedAttentionPool, "_build_score_table", counting)
+    torch.manual_seed(0)
+    pool, table = MaskedAttentionPool(8), torch.randn(20, 8)
+    first = pool._score_table(table)
+    assert pool._score_table(table) is first and len(built) == 1  # same weights, same tensors
+
+    twin = copy.deepcopy(pool)
+    assert twin._score_table(table.clone()) is first and len(built) == 1
+    loaded = MaskedAttentionPool(8)
+    loaded.load_state_dict(pool.state_dict())
+    assert loaded._score_table(table.clone()) is first and len(built) == 1
+
+    with torch.no_grad():
+        twin.proj.bias.add_(0.5)  # other weights: its own table, and the original keeps its own
+    changed = twin._score_table(table)
+    assert len(built) == 2 and not torch.equal(changed, first)
+    torch.testing.assert_close(changed, real_build(twin, table))
+    assert pool._score_table(table) is first
+    other_genes = table.clone()
+    other_genes[0] += 1
+    assert not torch.equal(pool._score_table(other_genes), first) and len(built) == 3
+    assert len(layers._SCORE_TABLES._tables) == 2  # bounded
+
+
+@given(st.integers(0, 3), st.integers(1, 6))
+@settings(max_examples=20, deadline=None)
+def test_content_cache_fingerprint_tells_shapes_and_values_apart(rows, cols):
+    from atlas.models.layers import ContentCache
+
+    a = torch.zeros(rows, cols)
+    assert ContentCache.fingerprint((a,)) == ContentCache.fingerprint((a.clone(),))
+    assert ContentCache.fingerprint((a,)) != ContentCache.fingerprint((torch.zeros(rows + 1, cols),))
+    assert ContentCache.fingerprint((a,)) != ContentCache.fingerprint((a.double(),))
+    if rows:
+        b = a.clone()
+        b[-1, -1] = 1e-30
+        assert ContentCache.fingerprint((a,)) != ContentCache.fingerprint((b,))
