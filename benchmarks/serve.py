@@ -88,6 +88,7 @@ def _load(url: str, token: str, clients: int, seconds: float, request_cells: int
     from atlas.client import AtlasClient
 
     latencies: list[float] = []
+    stages: list[dict[str, float]] = []  # per request: client stages and the Server-Timing ones
     errors: list[str] = []
     lock = threading.Lock()
     deadline = time.perf_counter() + seconds
@@ -105,6 +106,7 @@ def _load(url: str, token: str, clients: int, seconds: float, request_cells: int
                     continue
                 with lock:
                     latencies.append(time.perf_counter() - t)
+                    stages.append(_mean_stages(client.timings))
                 j += clients
 
     start = time.perf_counter()
@@ -115,7 +117,9 @@ def _load(url: str, token: str, clients: int, seconds: float, request_cells: int
         t.join()
     elapsed = time.perf_counter() - start
     lat = np.array(latencies)
+    slow = [st for st, x in zip(stages, lat) if lat.size and x >= np.percentile(lat, 95)]
     return {
+        "stages_mean": _mean_stages(stages), "stages_slowest_5pct": _mean_stages(slow),
         "clients": clients, "seconds": elapsed, "requests": int(lat.size), "errors": len(errors),
         "error_examples": errors[:3], "cells_per_s": lat.size * request_cells / elapsed,
         "requests_per_s": lat.size / elapsed,
@@ -236,6 +240,16 @@ def _table(r: dict, args: argparse.Namespace) -> str:
         f"| peer: PCA + kNN (Azimuth-style), {n:,} cells | {n / r['pca_knn_10k_s']:,.0f} | — | — | "
         f"{r['pca_knn_10k_s']:.1f} s (+ {r['pca_knn_fit_s']:.1f} s fit on the reference) |",
     ]
+    busiest = max((r[k] for k in r if k.startswith("load_") and isinstance(r[k], dict)),
+                  key=lambda x: x["clients"], default=None)
+    if busiest and busiest.get("stages_mean"):
+        names = list(busiest["stages_mean"])
+        rows.append(f"\nWhere a request's time goes under {busiest['clients']} clients (mean seconds; "
+                    "`server.*` from the Server-Timing header):\n")
+        rows.append("| requests | " + " | ".join(names) + " |")
+        rows.append("| --- | " + " | ".join(["---:"] * len(names)) + " |")
+        for what, key in (("all", "stages_mean"), ("slowest 5%", "stages_slowest_5pct")):
+            rows.append(f"| {what} | " + " | ".join(f"{busiest[key].get(n, 0):.3f}" for n in names) + " |")
     stages = r.get("sdk_10k_stages") or {}
     if stages:
         server = {k.removeprefix("server."): v for k, v in stages.items() if k.startswith("server.")}
