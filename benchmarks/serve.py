@@ -1,6 +1,6 @@
 """Mapping service throughput and latency, next to in-process mapping and PCA + kNN in the same run.
 
-    python benchmarks/serve.py [--artifact DIR] [--seconds 60] [--clients 8] [--request-cells 1000]
+    python benchmarks/serve.py [--artifact DIR] [--seconds 60] [--clients 8] [--request-cells 1000] [--batch NAME]
 
 What it measures (results printed and written to benchmarks/out/serve.{md,json}):
 
@@ -13,6 +13,10 @@ What it measures (results printed and written to benchmarks/out/serve.{md,json})
 3. **Peers, same cells, same process**: ``atlas.map_query`` in one process (what a user without
    the service runs), and the Seurat/Azimuth-style PCA + kNN baseline
    (:class:`atlas.evaluate.baselines.PcaKnnBaseline`) fitted on the same 80% reference.
+
+``--batch NAME`` maps every query as one batch of that name (``batch=NAME``: each request's cells
+normalised by their own statistics, ``domain_statistics="auto"``), the way a user maps one sample;
+without it every cell uses the reference's average statistics.
 
 The artifact defaults to the pbmc10k atlas ``benchmarks/mapping_quality.py`` builds (80%
 reference, seed 0); its held-out 20% are the query cells. Fixed replicas (no autoscaling: on two
@@ -84,7 +88,7 @@ def _resample(query: ad.AnnData, n: int, seed: int) -> ad.AnnData:
 
 
 def _load(url: str, token: str, clients: int, seconds: float, request_cells: int,
-          pool: list[ad.AnnData]) -> dict:
+          pool: list[ad.AnnData], options: dict) -> dict:
     from atlas.client import AtlasClient
 
     latencies: list[float] = []
@@ -99,7 +103,7 @@ def _load(url: str, token: str, clients: int, seconds: float, request_cells: int
             while time.perf_counter() < deadline:
                 t = time.perf_counter()
                 try:
-                    client.map(pool[j % len(pool)], predict=["protein"], progress=False)
+                    client.map(pool[j % len(pool)], predict=["protein"], progress=False, **options)
                 except Exception as e:  # noqa: BLE001 — counted and reported, the run goes on
                     with lock:
                         errors.append(f"{type(e).__name__}: {e}"[:200])
@@ -144,8 +148,11 @@ def main() -> None:
     parser.add_argument("--big-query", type=int, default=10_000)
     parser.add_argument("--encoder-cpus", type=float, default=None,
                         help="CPUs (torch threads) of the encoder replica (default: ServiceArgs' default)")
+    parser.add_argument("--batch", default=None,
+                        help="map every query as one batch of this name (its own normalisation statistics)")
     parser.add_argument("--out", type=Path, default=HERE / "out")
     args = parser.parse_args()
+    options = {"batch": args.batch} if args.batch else {}
     if not (args.artifact / "manifest.json").is_file():
         sys.exit(f"no atlas at {args.artifact}: run `python benchmarks/mapping_quality.py` first "
                  "(it builds the pbmc10k reference atlas) or pass --artifact")
@@ -171,7 +178,7 @@ def main() -> None:
     model = atlas.model()
     map_query(pool[0][:100], atlas, predict=["protein"], model=model)  # warm (shard loads, threads)
     t = time.perf_counter()
-    map_query(big, atlas, predict=["protein"], model=model)
+    map_query(big, atlas, predict=["protein"], model=model, **options)
     results["in_process_10k_s"] = time.perf_counter() - t
     t = time.perf_counter()
     baseline = PcaKnnBaseline().fit(reference, LEVELS, profiles={"protein": "protein_counts"})
@@ -190,6 +197,7 @@ def main() -> None:
     if args.encoder_cpus is not None:
         service["encoder"] = {"ray_actor_options": {"num_cpus": args.encoder_cpus}}
     results["encoder_cpus"] = args.encoder_cpus
+    results["batch"] = args.batch
     url = run_service(ServiceArgs.model_validate(service),
                       port=free_port(), blocking=False, log_line=lambda line: print(f"[serve] {line}"))
     results["service_start_s"] = time.perf_counter() - t
@@ -199,13 +207,13 @@ def main() -> None:
         with AtlasClient(url, token=token) as client:
             client.map(pool[0][:100], predict=["protein"], progress=False)  # warm every deployment
             t = time.perf_counter()
-            client.map(big, predict=["protein"], progress=False)
+            client.map(big, predict=["protein"], progress=False, **options)
             results["sdk_10k_s"] = time.perf_counter() - t
             results["sdk_10k_requests"] = len(client.timings)
             results["sdk_10k_stages"] = _mean_stages(client.timings)
         for clients in sorted({1, args.clients}):
             print(f"[bench] {clients} client(s) × {args.request_cells}-cell requests for {args.seconds:.0f} s")
-            results[f"load_{clients}"] = _load(url, token, clients, args.seconds, args.request_cells, pool)
+            results[f"load_{clients}"] = _load(url, token, clients, args.seconds, args.request_cells, pool, options)
     finally:
         memory.stop.set()
         memory.join()
@@ -216,7 +224,8 @@ def main() -> None:
 
     table = _table(results, args)
     print(table)
-    suffix = "" if args.encoder_cpus is None else f"_encoder{args.encoder_cpus:g}"
+    suffix = ("" if args.encoder_cpus is None else f"_encoder{args.encoder_cpus:g}") + (
+        "" if args.batch is None else "_batch")
     (args.out / f"serve{suffix}.md").write_text(table + "\n")
     (args.out / f"serve{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
 
