@@ -314,10 +314,6 @@ class ContentCache:
                 self._tables.popitem(last=False)
             return out
 
-    def clear(self) -> None:
-        with self._lock:
-            self._tables.clear()
-
 
 _SCORE_TABLES = ContentCache()
 
