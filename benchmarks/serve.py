@@ -121,7 +121,8 @@ def _load(url: str, token: str, clients: int, seconds: float, request_cells: int
         t.join()
     elapsed = time.perf_counter() - start
     lat = np.array(latencies)
-    slow = [st for st, x in zip(stages, lat) if lat.size and x >= np.percentile(lat, 95)]
+    tail = np.percentile(lat, 95) if lat.size else np.inf
+    slow = [st for st, x in zip(stages, lat) if x >= tail]
     return {
         "stages_mean": _mean_stages(stages), "stages_slowest_5pct": _mean_stages(slow),
         "clients": clients, "seconds": elapsed, "requests": int(lat.size), "errors": len(errors),

@@ -103,9 +103,13 @@ def teacher_closeness(emb_ref: np.ndarray, emb_query: np.ndarray, ref_l1: np.nda
         return np.sort(sims, axis=1)[:, -K:].mean(1)
 
     own = closeness(r, True)
+    return _relative(own, own if leave_one_out else closeness(q, False), ref_l1, voted)
+
+
+def _relative(own: np.ndarray, close: np.ndarray, ref_l1: np.ndarray, voted: np.ndarray) -> np.ndarray:
+    """``min(1, close / typical[voted])``, typical = the median of ``own`` over each type's cells."""
     typical = {c: float(np.median(own[ref_l1 == c])) for c in set(ref_l1) if c}
     fallback = float(np.median(own))
-    close = own if leave_one_out else closeness(q, False)
     return np.minimum(close / np.array([typical.get(c, fallback) for c in voted]), 1.0)
 
 
@@ -125,10 +129,8 @@ def teacher_closeness_joint(emb_ref: np.ndarray, emb_query: np.ndarray, ref_l1: 
         return np.einsum("id,ikd->ik", a_teacher, r[top]).mean(1)
 
     own = closeness(joint_r, r, True)
-    typical = {c: float(np.median(own[ref_l1 == c])) for c in set(ref_l1) if c}
-    fallback = float(np.median(own))
     close = own if leave_one_out else closeness(_normalise(emb_query), _normalise(emb_query[:, :width]), False)
-    return np.minimum(close / np.array([typical.get(c, fallback) for c in voted]), 1.0)
+    return _relative(own, close, ref_l1, voted)
 
 
 def misfits(proportions: sp.csr_matrix, library: np.ndarray, tr: np.ndarray, va: np.ndarray, ref_l1: np.ndarray,
@@ -202,14 +204,9 @@ def run(task: str, only_embedding: bool = False) -> dict:
         rel_ref = teacher_closeness_joint(m["emb_ref"], m["emb_ref"], ref_l1, vote_ref, m["teacher_dim"], True)
         row["confidence x relative teacher similarity to the joint neighbours"] = evaluate(
             1 - conf_val * rel_val, 1 - conf_ref * rel_ref, is_unseen)
-        if only_embedding:
-            out[f"{task}: {held if held != '-' else 'nothing (neutrophils)'} left out"] = {
-                "unseen_cells": int(is_unseen.sum()), "cells": int(va.size), "scores": row,
-                "seconds": round(time.perf_counter() - t0, 1)}
-            print(f"[{task} {held}] " + "; ".join(f"{n}: {v}" for n, v in row.items()), flush=True)
-            continue
-        for name, (mis_val, mis_ref) in misfits(proportions, library, tr, va, ref_l1,
-                                                [c for c in classes if (ref_l1 == c).any()]).items():
+        expression = {} if only_embedding else misfits(proportions, library, tr, va, ref_l1,
+                                                        [c for c in classes if (ref_l1 == c).any()])
+        for name, (mis_val, mis_ref) in expression.items():
             ordered = np.sort(mis_ref)
             fit_val = 1 - np.searchsorted(ordered, mis_val) / ordered.size
             fit_ref = 1 - np.searchsorted(ordered, mis_ref) / ordered.size
