@@ -29,9 +29,10 @@ Embedding-side candidates (``--embedding-only`` scores only these): the teacher-
 the nearest reference cells relative to the voted type's (two forms), and how well the cell fits
 the level-1 types as Gaussians in the embedding (:func:`mahalanobis`: plain and relative
 Mahalanobis distance, alone and as ``confidence × min(1, fit / tau)`` for several ``tau``).
-Measured, not adopted: in these in-process models the relative form separates a left-out type
-far better than today's confidence within one run, but in atlases built by the pipeline on the
-same splits it does not (README, rejection validation).
+Measured, not adopted: the relative form separates a left-out type far better than today's
+confidence within one run (in-process models and ``--pipeline`` atlases alike), but only because
+the whole-reference Gaussian includes the reference's unlabelled cells, which sit where the
+left-out type does; fitted on labelled cells only it is chance (README, rejection validation).
 
 ``another run``: no model; the misfit of pbmc5k's cells (another 10x PBMC run, the same 4,000
 genes, every type known to pbmc10k) against the pbmc10k reference split's profiles, and of the
