@@ -126,7 +126,8 @@ def baseline_views(r_fit, a_fit, r_val, a_val):
     return x_rna, x_atac
 
 
-def train_variant(name: str, seed: int, data: dict, epochs: int | None = None) -> dict:
+def train_variant(name: str, seed: int, data: dict, epochs: int | None = None,
+                  checkpoint: Path | None = None) -> dict:
     from atlas.models import CVQVAEConfig, build_model
     from atlas.models.recalibrate import has_domain_normalisation, with_query_domains
     from atlas.train.step import fit_local, minibatches
@@ -140,13 +141,17 @@ def train_variant(name: str, seed: int, data: dict, epochs: int | None = None) -
                         n_domains=data["n_fit_domains"])
     t = time.perf_counter()
     model.fit_views({"RNA": data["r_fit"], "ATAC": data["a_fit"]}, seed=seed)
+    views_s = time.perf_counter() - t
     fit_batch = data["fit_batch"]
     bs = train["batch_size"]
     by_domain = train["by_domain"]
     per_epoch = len(minibatches(fit_batch, bs, seed=0, by_domain=by_domain))
     history = fit_local(model, lambda e: minibatches(fit_batch, bs, seed=seed * 1000 + e, by_domain=by_domain),
-                        epochs=train["epochs"], lr=train["lr"], steps_per_epoch=per_epoch)
-    train_s = time.perf_counter() - t
+                        epochs=train["epochs"], lr=train["lr"], steps_per_epoch=per_epoch,
+                        checkpoint=checkpoint, log=lambda e, m: say(f"  epoch {e + 1}/{train['epochs']}: loss "
+                                                                       f"{m['loss']:.4f}"))
+    # Training time over every session the run took (the checkpoint carries the earlier ones).
+    train_s = views_s + history.seconds
     model.eval()
     val_batch = data["val_batch"]
     n_val = val_batch["domain"].shape[0]
@@ -322,7 +327,10 @@ def main() -> None:
             if any(r["variant"] == name and r["seed"] == seed for r in results):
                 continue
             say(f"{name} seed {seed}")
-            r = {**train_variant(variant, seed, data, epochs=args.epochs), "variant": name}
+            # Each epoch's state is kept, so a stopped run (hours at the paper's budget) resumes.
+            ckpt = out / "checkpoints" / f"{name}_seed{seed}.pt"
+            r = {**train_variant(variant, seed, data, epochs=args.epochs, checkpoint=ckpt), "variant": name}
+            ckpt.unlink(missing_ok=True)
             say(f"  joint {r['joint']['overall']:.3f} (bio {r['joint']['bio']:.3f}, batch {r['joint']['batch']:.3f}); "
                 f"mixing {r['mixing']['overall']:.3f}; ATAC cell r {r['atac_decoder']['cell_r_mean']:.3f} / "
                 f"+mean {r['atac_decoder_plus_mean']['cell_r_mean']:.3f}; labels {r['labels_paired']['acc']:.3f} / "

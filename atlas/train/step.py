@@ -11,10 +11,12 @@ CUDA, full fp32 elsewhere.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -193,6 +195,7 @@ def fit_local(
     device: torch.device | str | None = None,
     autocast: bool | None = None,
     log: Callable[[int, dict[str, float]], None] | None = None,
+    checkpoint: str | Path | None = None,
 ) -> FitHistory:
     """Train a model in this process with Adam and the method's schedule; returns its history.
 
@@ -200,6 +203,11 @@ def fit_local(
     :func:`minibatches`) or a function ``epoch -> iterable`` (new shuffling each epoch). The
     schedule spans the real number of steps (``epochs × steps_per_epoch``; taken from
     ``len(batches)`` when it has one). ``log(epoch, epoch_means)`` is called after each epoch.
+
+    ``checkpoint`` names a file that receives the whole training state after every epoch
+    (model, optimiser, schedule, history, torch RNG). When it exists at the start, training
+    continues after its last epoch, so a run that was stopped resumes where it left off; with
+    ``batches`` a function of the epoch, the resumed run equals an uninterrupted one.
     """
     if device is not None:
         model.to(device)
@@ -213,8 +221,12 @@ def fit_local(
             raise ValueError("steps_per_epoch is needed for the schedule when batches is a function")
         scheduler = make_scheduler(model, optimizer, epochs * per_epoch)
     history = FitHistory()
+    first_epoch, seconds_before = 0, 0.0
+    if checkpoint is not None and Path(checkpoint).exists():
+        first_epoch, seconds_before = _restore(Path(checkpoint), model, optimizer, scheduler, history,
+                                               epochs=epochs, lr=lr)
     start = time.perf_counter()
-    for epoch in range(epochs):
+    for epoch in range(first_epoch, epochs):
         source: Iterator[Batch] = iter(batches(epoch) if callable(batches) else batches)
         epoch_metrics = []
         for batch in source:
@@ -227,5 +239,40 @@ def fit_local(
             history.epochs.append(means)
             if log is not None:
                 log(epoch, means)
-    history.seconds = time.perf_counter() - start
+        if checkpoint is not None:
+            _save(Path(checkpoint), epoch + 1, model, optimizer, scheduler, history,
+                  epochs=epochs, lr=lr, seconds=seconds_before + time.perf_counter() - start)
+    history.seconds = seconds_before + time.perf_counter() - start
     return history
+
+
+def _save(path: Path, done: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+          scheduler: torch.optim.lr_scheduler.LRScheduler | None, history: FitHistory,
+          *, epochs: int, lr: float, seconds: float) -> None:
+    state = {"epochs_done": done, "epochs": epochs, "lr": lr, "seconds": seconds,
+             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": None if scheduler is None else scheduler.state_dict(),
+             "steps": history.steps, "epoch_means": history.epochs,
+             "torch_rng": torch.get_rng_state()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)  # a run killed while saving leaves the previous epoch's file intact
+
+
+def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: torch.optim.lr_scheduler.LRScheduler | None, history: FitHistory,
+             *, epochs: int, lr: float) -> tuple[int, float]:
+    state = torch.load(path, map_location=model_device(model), weights_only=False)
+    if state["epochs"] != epochs or state["lr"] != lr:
+        raise ValueError(f"{path} holds a run of {state['epochs']} epochs at lr {state['lr']}, not {epochs} at "
+                         f"{lr}: its schedule cannot be continued. Delete the file to start afresh, or pass "
+                         "the settings it was started with.")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    history.steps.extend(state["steps"])
+    history.epochs.extend(state["epoch_means"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["epochs_done"]), float(state["seconds"])

@@ -1,6 +1,7 @@
 """The training step, schedules and fit_local."""
 
 import numpy as np
+import pytest
 import scipy.sparse as sp
 import torch
 
@@ -42,6 +43,51 @@ def test_fit_local_reduces_cvqvae_loss():
     batch = csr_to_batch({"RNA": rna, "ATAC": atac})
     hist = fit_local(model, lambda e: minibatches(batch, 32, seed=e), epochs=8, lr=1e-2, steps_per_epoch=4)
     assert hist.epochs[-1]["loss"] < hist.epochs[0]["loss"]
+
+
+def _cvqvae_run(epochs, checkpoint=None, stop_after=None):
+    """A small CVQVAE (dropout, EMA codebook, cosine schedule) trained from seed 0; ``stop_after``
+    raises out of the loop after that many epochs, as a killed run would stop."""
+    torch.manual_seed(0)
+    rna, atac = _clustered()
+    model = build_model(
+        CVQVAEConfig(view_components=6, hidden=(16,), latent_dim=4, codebook_size=8), {"RNA": 20, "ATAC": 20}, 1
+    )
+    model.fit_views({"RNA": rna, "ATAC": atac})
+    batch = csr_to_batch({"RNA": rna, "ATAC": atac})
+
+    def log(epoch, _means):
+        if stop_after is not None and epoch + 1 == stop_after:
+            raise KeyboardInterrupt
+
+    try:
+        hist = fit_local(model, lambda e: minibatches(batch, 32, seed=e), epochs=epochs, lr=1e-2,
+                         steps_per_epoch=4, checkpoint=checkpoint, log=log)
+    except KeyboardInterrupt:
+        return model, None
+    return model, hist
+
+
+def test_fit_local_resumed_from_its_checkpoint_equals_an_uninterrupted_run(tmp_path):
+    whole, whole_hist = _cvqvae_run(4)
+    ckpt = tmp_path / "state.pt"
+    _, stopped = _cvqvae_run(4, checkpoint=ckpt, stop_after=2)
+    # The log hook runs before the epoch's state is saved: the file holds epoch 1 of 4.
+    assert stopped is None and torch.load(ckpt, weights_only=False)["epochs_done"] == 1
+    resumed, resumed_hist = _cvqvae_run(4, checkpoint=ckpt)
+    assert len(resumed_hist.epochs) == 4 and len(resumed_hist.steps) == 16
+    for name, value in whole.state_dict().items():
+        assert torch.allclose(value.float(), resumed.state_dict()[name].float(), atol=1e-6), name
+    assert [e["loss"] for e in resumed_hist.epochs] == [e["loss"] for e in whole_hist.epochs]
+    assert [s["lr"] for s in resumed_hist.steps] == [s["lr"] for s in whole_hist.steps]
+    assert not (tmp_path / "state.pt.partial").exists()
+
+
+def test_fit_local_refuses_a_checkpoint_of_other_settings(tmp_path):
+    ckpt = tmp_path / "state.pt"
+    _cvqvae_run(2, checkpoint=ckpt)
+    with pytest.raises(ValueError, match="2 epochs at lr 0.01, not 3"):
+        _cvqvae_run(3, checkpoint=ckpt)
 
 
 def test_schedules():
