@@ -1,67 +1,24 @@
-"""The distributed atlas build on real Ray, a real SOMA store and real faiss, with real data."""
+"""The distributed atlas build on real Ray, a real SOMA store and real faiss, with real data.
 
-import json
-import threading
-import time
-from pathlib import Path
+The other builds: ``test_build_job_submit.py`` (CVQVAE via ``ray job submit``),
+``test_build_multinode.py`` and ``test_build_fault.py`` (a killed worker).
+"""
 
-import anndata as ad
 import numpy as np
-import psutil
 import pytest
 import scipy.sparse as sp
 import torch
-import yaml
 
 import atlas
 from atlas.build import build_atlas
 from atlas.data.batches import csr_to_batch, normalize_log1p
-from atlas.data.dataset import build_plan, vocabulary_sizes
 from atlas.data.reader import open_experiment
-from atlas.local_cluster import local_head, submit_job
-from atlas.mapping import MappingError, map_query
 from atlas.models.recalibrate import DomainStatistics
 from atlas.store.embeddings import read_embedding
-from atlas.store.ingest import ingest
 from atlas.store.versions import current_version
-from atlas.train.config import build_config_from_dict
-from atlas.train.trainer import train
+from tests.build_helpers import concerto_config
 
 pytestmark = [pytest.mark.real_data, pytest.mark.ray]
-
-PBMC10K = "pbmc10k_10x_cite_totalvi_rna4000hvg_adt14_labelled.h5ad"
-MOP_RNA, MOP_ATAC = "mop_snareseq_c1_rna.h5ad", "mop_snareseq_c1_atac.h5ad"
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _subset(adata: ad.AnnData, n: int, seed: int = 0) -> ad.AnnData:
-    rows = np.sort(np.random.default_rng(seed).choice(adata.n_obs, n, replace=False))
-    return adata[rows].copy()
-
-
-@pytest.fixture(scope="module")
-def pbmc(dataset, tmp_path_factory):
-    """A 2,000-cell pbmc10k store (RNA + protein, two label levels) and its source cells."""
-    cells = _subset(ad.read_h5ad(dataset(PBMC10K)), 2000)
-    store = tmp_path_factory.mktemp("build") / "pbmc"
-    ingest(store, cells, dataset_id="pbmc10k", obsm_modalities={"protein": "protein_counts"},
-           label_keys={"cell_type_l1": "cell_type_l1", "cell_type_l2": "cell_type_l2"}, species="human")
-    return store, cells
-
-
-def _concerto_config(store, output, tmp, **overrides):
-    config = {
-        "name": "test-concerto", "store": str(store), "output": str(output),
-        "model": {"model": "concerto", "modalities": ["RNA"], "embed_dim": 32},
-        "data": {"batch_size": 64, "single_domain": True},
-        "train": {"epochs": 1, "lr": 1e-3, "checkpoint_every": 10},
-        "scaling": {"num_workers": 2, "use_gpu": False},
-        "run": {"storage_path": str(tmp / "runs"), "max_failures": 2},
-        "index": {"levels": ["cell_type_l1", "cell_type_l2"], "profiles": ["protein"]},
-    }
-    for section, values in overrides.items():
-        config[section] = {**config.get(section, {}), **values} if isinstance(values, dict) else values
-    return build_config_from_dict(config)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +30,7 @@ def concerto_build(pbmc, tmp_path_factory):
     store, _ = pbmc
     tmp = tmp_path_factory.mktemp("concerto")
     # Trained from the training snapshot (the other builds here read the store directly).
-    return build_atlas(_concerto_config(store, tmp / "artifact", tmp, data={"snapshot": True}))
+    return build_atlas(concerto_config(store, tmp / "artifact", tmp, data={"snapshot": True}))
 
 
 def test_two_worker_concerto_build_produces_a_verified_artifact(pbmc, concerto_build):
@@ -177,122 +134,3 @@ def test_tampered_artifact_is_refused(concerto_build, tmp_path):
     target.write_bytes(bytes(data))
     with pytest.raises(atlas.ArtifactError, match="model.pt"):
         atlas.load_atlas(copy)
-
-
-def test_cvqvae_build_submitted_with_ray_job_submit(dataset, tmp_path):
-    """`ray job submit` to a local `ray start --head` (token authentication on)."""
-    rna = _subset(ad.read_h5ad(dataset(MOP_RNA)), 2000)
-    atac = ad.read_h5ad(dataset(MOP_ATAC))[rna.obs_names].copy()
-    rna_path, atac_path = tmp_path / "rna.h5ad", tmp_path / "atac.h5ad"
-    rna.write_h5ad(rna_path)
-    atac.write_h5ad(atac_path)
-    store = tmp_path / "mop"
-    ingest(store, rna_path, paired={"atac": atac_path}, dataset_id="mop", batch_key="Batch",
-           label_keys={"cell_type_coarse": "cell_type_coarse", "cell_type_fine": "cell_type_fine"},
-           species="mouse")
-    config = {
-        "name": "test-cvqvae", "store": str(store), "output": str(tmp_path / "artifact"),
-        "model": {"model": "cvqvae", "modalities": ["RNA", "ATAC"], "view_components": 32,
-                  "hidden": [64, 32], "codebook_size": 64},
-        "data": {"batch_size": 128},
-        "train": {"epochs": 1, "lr": 1e-3},
-        "scaling": {"num_workers": 2, "use_gpu": False},
-        "run": {"storage_path": str(tmp_path / "runs")},
-        "index": {"levels": ["cell_type_coarse", "cell_type_fine"]},
-    }
-    config_path = tmp_path / "build.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    with local_head(num_cpus=4, log=tmp_path / "head.log") as head:
-        submit_job(head, REPO, ["python", "jobs/build_atlas.py", "--config", str(config_path)])
-    built = atlas.load_atlas(tmp_path / "artifact")
-    assert built.manifest["model"]["kind"] == "cvqvae"
-    assert built.manifest["metrics"]["cells"] == 2000
-    epoch = built.manifest["metrics"]["epochs"][0]
-    assert epoch["perplexity_1"] > 1 and epoch["perplexity_2"] > 1  # codebook in use, not collapsed
-    assert built.layout.root.level == "cell_type_coarse"
-    assert built.species == "mouse"
-    assert set(built.manifest["mapping"]["thresholds"]) == {"cell_type_coarse", "cell_type_fine"}
-
-    # An RNA-only query of other cells: labels from the index, ATAC from the CVQVAE decoder.
-    full_rna = ad.read_h5ad(dataset(MOP_RNA))
-    others = np.setdiff1d(np.arange(full_rna.n_obs), np.flatnonzero(full_rna.obs_names.isin(rna.obs_names)))
-    query = full_rna[np.random.default_rng(1).choice(others, 100, replace=False)].copy()
-    out = map_query(query, built, predict=["ATAC"], predict_method="decoder")
-    atac_pred = out.obsm["ATAC_pred"]
-    assert list(atac_pred.columns) == built.vocabulary["ATAC"] and np.isfinite(atac_pred.to_numpy()).all()
-    measured = ad.read_h5ad(dataset(MOP_ATAC))[query.obs_names]
-    measured = sp.csr_matrix(measured.X, dtype=np.float32)
-    measured.data = normalize_log1p(measured.indptr, measured.data)
-    per_cell = [np.corrcoef(atac_pred.to_numpy()[i], measured[i].toarray().ravel())[0, 1] for i in range(100)]
-    assert np.nanmean(per_cell) > 0.05  # the decoder's accessibility profile follows the measured one
-    with pytest.raises(MappingError, match="stores no ATAC profiles"):
-        map_query(query, built, predict=["ATAC"], predict_method="knn")
-
-
-def test_multi_node_training_places_workers_on_different_nodes(pbmc, tmp_path):
-    import ray
-    from ray.cluster_utils import Cluster
-
-    store, _ = pbmc
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    try:
-        for _ in range(2):
-            cluster.add_node(num_cpus=2, resources={"trainer_slot": 1})
-        ray.init(address=cluster.address)
-        build = _concerto_config(store, tmp_path / "artifact", tmp_path, name="test-multinode",
-                                 scaling={"resources_per_worker": {"CPU": 1, "trainer_slot": 1}})
-        plan = build_plan(store, build.data)
-        result = train(build, plan, vocabulary_sizes(store, ["RNA"]))
-        nodes = result.history["worker_nodes"]
-        assert len(nodes) == 2 and len(set(nodes)) == 2, nodes
-        assert result.history["epochs"][0]["cells"] == 2000
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-
-
-def _registered_checkpoints(run: Path) -> list:
-    """Checkpoints Ray Train has registered (a checkpoint folder alone may still be uploading)."""
-    snapshot = run / "checkpoint_manager_snapshot.json"
-    try:
-        return json.loads(snapshot.read_text()).get("checkpoint_results", [])
-    except (OSError, ValueError):
-        return []
-
-
-def _train_worker_pids(started_after: float) -> list[int]:
-    return [p.pid for p in psutil.process_iter(["cmdline", "create_time"])
-            if p.info["cmdline"] and p.info["cmdline"][0].startswith("ray::RayTrainWorker")
-            and p.info["create_time"] >= started_after]
-
-
-def test_killed_worker_resumes_from_last_checkpoint(pbmc, ray_local, tmp_path):
-    store, _ = pbmc
-    build = _concerto_config(store, tmp_path / "artifact", tmp_path, name="test-fault",
-                             train={"epochs": 2, "checkpoint_every": 8})
-    plan = build_plan(store, build.data)
-    sizes = vocabulary_sizes(store, ["RNA"])
-    baseline = train(build, plan, sizes)
-
-    outcome = {}
-    runner = threading.Thread(target=lambda: outcome.update(result=train(build, plan, sizes)))
-    started = time.time()
-    runner.start()
-    deadline = time.monotonic() + 300
-    killed = None
-    while killed is None and time.monotonic() < deadline and runner.is_alive():
-        runs = [r for r in (tmp_path / "runs").glob("test-fault-*") if r.name != Path(baseline.run_path).name]
-        workers = _train_worker_pids(started)
-        if runs and _registered_checkpoints(runs[0]) and workers:
-            killed = workers[-1]
-            psutil.Process(killed).kill()
-        time.sleep(0.5)
-    runner.join(timeout=600)
-    assert killed is not None, "training ended before a checkpoint could be interrupted"
-    result = outcome["result"]
-    assert result.history.get("resumes"), "the run did not resume from a checkpoint"
-    assert len(result.history["epochs"]) == 2
-    final, reference = result.history["epochs"][-1]["loss"], baseline.history["epochs"][-1]["loss"]
-    assert abs(final - reference) < 0.1 * reference, (final, reference)

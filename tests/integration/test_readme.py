@@ -34,7 +34,7 @@ RUN_ELSEWHERE = {
     r"^make demo\b": "the demo itself (`make demo`, run for every closing note)",
     r"^make test\b": ".ci/run",
     r"ray job submit .* python jobs/build_atlas\.py":
-        "tests/integration/test_build.py::test_cvqvae_build_submitted_with_ray_job_submit",
+        "tests/integration/test_build_job_submit.py::test_cvqvae_build_submitted_with_ray_job_submit",
     r"ray job submit .* python jobs/map_query\.py": "tests/integration/test_map_offline.py::test_job_entrypoint",
     r"^serve run serve/config\.yaml": "tests/integration/test_readme.py::test_serve_run_config_yaml",
 }
