@@ -224,7 +224,7 @@ def fit_local(
     first_epoch, seconds_before = 0, 0.0
     if checkpoint is not None and Path(checkpoint).exists():
         first_epoch, seconds_before = _restore(Path(checkpoint), model, optimizer, scheduler, history,
-                                               epochs=epochs, lr=lr)
+                                               epochs=epochs, lr=lr, steps_per_epoch=per_epoch)
     start = time.perf_counter()
     for epoch in range(first_epoch, epochs):
         source: Iterator[Batch] = iter(batches(epoch) if callable(batches) else batches)
@@ -240,16 +240,16 @@ def fit_local(
             if log is not None:
                 log(epoch, means)
         if checkpoint is not None:
-            _save(Path(checkpoint), epoch + 1, model, optimizer, scheduler, history,
-                  epochs=epochs, lr=lr, seconds=seconds_before + time.perf_counter() - start)
+            _save(Path(checkpoint), epoch + 1, model, optimizer, scheduler, history, epochs=epochs, lr=lr,
+                  steps_per_epoch=per_epoch, seconds=seconds_before + time.perf_counter() - start)
     history.seconds = seconds_before + time.perf_counter() - start
     return history
 
 
 def _save(path: Path, done: int, model: nn.Module, optimizer: torch.optim.Optimizer,
           scheduler: torch.optim.lr_scheduler.LRScheduler | None, history: FitHistory,
-          *, epochs: int, lr: float, seconds: float) -> None:
-    state = {"epochs_done": done, "epochs": epochs, "lr": lr, "seconds": seconds,
+          *, epochs: int, lr: float, steps_per_epoch: int | None, seconds: float) -> None:
+    state = {"epochs_done": done, "epochs": epochs, "lr": lr, "steps_per_epoch": steps_per_epoch, "seconds": seconds,
              "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": None if scheduler is None else scheduler.state_dict(),
              "steps": history.steps, "epoch_means": history.epochs,
@@ -262,12 +262,13 @@ def _save(path: Path, done: int, model: nn.Module, optimizer: torch.optim.Optimi
 
 def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
              scheduler: torch.optim.lr_scheduler.LRScheduler | None, history: FitHistory,
-             *, epochs: int, lr: float) -> tuple[int, float]:
+             *, epochs: int, lr: float, steps_per_epoch: int | None) -> tuple[int, float]:
     state = torch.load(path, map_location=model_device(model), weights_only=False)
-    if state["epochs"] != epochs or state["lr"] != lr:
-        raise ValueError(f"{path} holds a run of {state['epochs']} epochs at lr {state['lr']}, not {epochs} at "
-                         f"{lr}: its schedule cannot be continued. Delete the file to start afresh, or pass "
-                         "the settings it was started with.")
+    saved = (state["epochs"], state["lr"], state.get("steps_per_epoch", steps_per_epoch))
+    if saved != (epochs, lr, steps_per_epoch):
+        raise ValueError(f"{path} holds a run of {saved[0]} epochs of {saved[2]} steps at lr {saved[1]}, not "
+                         f"{epochs} of {steps_per_epoch} at {lr}: its schedule cannot be continued. Delete the "
+                         "file to start afresh, or pass the settings it was started with.")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:

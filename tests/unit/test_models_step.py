@@ -86,7 +86,7 @@ def test_fit_local_resumed_from_its_checkpoint_equals_an_uninterrupted_run(tmp_p
 def test_fit_local_refuses_a_checkpoint_of_other_settings(tmp_path):
     ckpt = tmp_path / "state.pt"
     _cvqvae_run(2, checkpoint=ckpt)
-    with pytest.raises(ValueError, match="2 epochs at lr 0.01, not 3"):
+    with pytest.raises(ValueError, match="2 epochs of 4 steps at lr 0.01, not 3 of 4"):
         _cvqvae_run(3, checkpoint=ckpt)
 
 
