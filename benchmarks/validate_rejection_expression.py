@@ -34,6 +34,12 @@ confidence within one run (in-process models and ``--pipeline`` atlases alike), 
 the whole-reference Gaussian includes the reference's unlabelled cells, which sit where the
 left-out type does; fitted on labelled cells only it is chance (README, rejection validation).
 
+Head-side candidates (always scored): the level-1 heads' summed logits as an out-of-distribution
+score (negative maximum logit, negative energy), and the teacher's and the student's heads apart
+(each one's probability of the voted type, their minimum or product with the vote share, and
+their Jensen-Shannon disagreement). Measured, not adopted: none beats today's confidence on the
+mean over the eight splits (README, rejection validation).
+
 ``another run``: no model; the misfit of pbmc5k's cells (another 10x PBMC run, the same 4,000
 genes, every type known to pbmc10k) against the pbmc10k reference split's profiles, and of the
 held-out 20% of that split: the fraction rejected at the 5% reference-calibrated threshold (a
@@ -87,7 +93,49 @@ def train_left_out(task: str, adata, train, levels, domain, held: str, seed: int
     return {"tr": tr, "va": va, "classes": classes[0], "emb_ref": emb_ref, "emb_val": emb_val,
             "teacher_dim": int(model.config.embed_dim),
             "p_val": model.head_probabilities(torch.from_numpy(emb_val))[0].numpy(),
-            "p_ref": model.head_probabilities(torch.from_numpy(emb_ref))[0].numpy()}
+            "p_ref": model.head_probabilities(torch.from_numpy(emb_ref))[0].numpy(),
+            "logits_val": head_logits(model, emb_val), "logits_ref": head_logits(model, emb_ref)}
+
+
+@torch.no_grad()
+def head_logits(model, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Level-1 logits of the teacher's head and of the student's (None without one), apart."""
+    from atlas.models.concerto import HEAD_SCALE
+
+    z, d = torch.from_numpy(emb).float(), int(model.config.embed_dim)
+    teacher = model.heads.logits(HEAD_SCALE * z[:, :d])[0].numpy()
+    if model.student_heads is None:
+        return teacher, None
+    return teacher, model.student_heads.logits(HEAD_SCALE * z[:, d:])[0].numpy()
+
+
+def head_scores(logits: tuple[np.ndarray, np.ndarray | None], share: np.ndarray, vote: np.ndarray,
+                classes: list[str]) -> dict[str, np.ndarray]:
+    """Unknown scores (higher: more likely unseen) from the two heads' logits: the summed logits'
+    maximum and energy (out-of-distribution scores of Hendrycks et al. 2022, Liu et al. 2020), and
+    the two heads' agreement on the voted type."""
+    from scipy.special import logsumexp, softmax
+
+    teacher, student = logits
+    total = teacher if student is None else teacher + student
+    out = {"negative max logit": -total.max(1), "negative energy (logsumexp of logits)": -logsumexp(total, axis=1)}
+    if student is None:
+        return out
+    index = {c: i for i, c in enumerate(classes)}
+    col = np.array([index.get(c, -1) for c in vote])
+    rows = np.arange(len(vote))
+    pt, ps = softmax(teacher, axis=1), softmax(student, axis=1)
+    pt_v = np.where(col >= 0, pt[rows, np.maximum(col, 0)], 0.0)
+    ps_v = np.where(col >= 0, ps[rows, np.maximum(col, 0)], 0.0)
+    m = (pt + ps) / 2
+    js = 0.5 * (pt * np.log(np.maximum(pt, 1e-12) / m)).sum(1) + 0.5 * (ps * np.log(np.maximum(ps, 1e-12) / m)).sum(1)
+    out["1 - vote share x teacher p x student p"] = 1 - share * pt_v * ps_v
+    out["1 - vote share x min(teacher p, student p)"] = 1 - share * np.minimum(pt_v, ps_v)
+    out["1 - min(teacher p, student p)"] = 1 - np.minimum(pt_v, ps_v)
+    out["teacher-student Jensen-Shannon"] = js
+    out["1 - teacher p"] = 1 - pt_v
+    out["1 - student p"] = 1 - ps_v
+    return out
 
 
 def confidence(emb_ref, emb_query, ref_l1, p, classes, leave_one_out: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -248,6 +296,14 @@ def run(task: str, only_embedding: bool = False) -> dict:
         conf_val, vote_val = confidence(m["emb_ref"], m["emb_val"], ref_l1, m["p_val"], classes, False)
         conf_ref, vote_ref = confidence(m["emb_ref"], m["emb_ref"], ref_l1, m["p_ref"], classes, True)
         row = {"confidence (today)": evaluate(1 - conf_val, 1 - conf_ref, is_unseen)}
+        share_val = balanced_vote(_normalise(m["emb_val"]) @ _normalise(m["emb_ref"]).T, ref_l1, K, BALANCE)[1]
+        sims_ref = _normalise(m["emb_ref"]) @ _normalise(m["emb_ref"]).T
+        np.fill_diagonal(sims_ref, -np.inf)
+        share_ref = balanced_vote(sims_ref, ref_l1, K, BALANCE)[1]
+        heads_val = head_scores(m["logits_val"], share_val, vote_val, classes)
+        heads_ref = head_scores(m["logits_ref"], share_ref, vote_ref, classes)
+        for name in heads_val:
+            row[name] = evaluate(heads_val[name], heads_ref[name], is_unseen)
         rel_val = teacher_closeness(m["emb_ref"], m["emb_val"], ref_l1, vote_val, m["teacher_dim"], False)
         rel_ref = teacher_closeness(m["emb_ref"], m["emb_ref"], ref_l1, vote_ref, m["teacher_dim"], True)
         row["confidence x relative similarity, teacher half"] = evaluate(1 - conf_val * rel_val, 1 - conf_ref * rel_ref,
