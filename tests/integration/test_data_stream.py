@@ -91,42 +91,46 @@ def test_single_domain_minibatches(mop_store, ray_local):
     assert seen.size == np.unique(seen).size == 10_309
 
 
-@pytest.mark.parametrize("snapshot", [False, True])
-def test_each_cell_exactly_once_per_epoch_across_two_train_workers(mop_store, ray_local, tmp_path, snapshot):
+def test_each_cell_exactly_once_per_epoch_across_two_train_workers(mop_store, ray_local, tmp_path):
+    """Both sources a build streams from — the store itself and its training snapshot — in one
+    Ray Train run (one worker group: its start-up is most of this test's time)."""
     import ray.train
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    config = StreamConfig(modalities=("RNA",), batch_size=100, block_size=777, snapshot=snapshot)
-    plan = build_plan(mop_store, config)
+    plans = {("snapshot" if snapshot else "store"): build_plan(
+        mop_store, StreamConfig(modalities=("RNA",), batch_size=100, block_size=777, snapshot=snapshot))
+        for snapshot in (False, True)}
     out = tmp_path / "seen"
     out.mkdir()
 
     def loop(cfg):
         context = ray.train.get_context()
-        shard = ray.train.get_dataset_shard("train")
-        for epoch in range(2):
-            ids = [b["soma_joinid"].tolist() for b in iter_batches(shard, cfg["plan"], epoch=epoch, shuffle_buffer=500)]
-            path = Path(cfg["out"]) / f"epoch{epoch}_rank{context.get_world_rank()}.json"
-            path.write_text(json.dumps(sum(ids, [])))
+        for source, plan in cfg["plans"].items():
+            shard = ray.train.get_dataset_shard(source)
+            for epoch in range(2):
+                ids = [b["soma_joinid"].tolist() for b in iter_batches(shard, plan, epoch=epoch, shuffle_buffer=500)]
+                path = Path(cfg["out"]) / f"{source}_epoch{epoch}_rank{context.get_world_rank()}.json"
+                path.write_text(json.dumps(sum(ids, [])))
 
     trainer = TorchTrainer(
         loop,
-        train_loop_config={"plan": plan, "out": str(out)},
+        train_loop_config={"plans": plans, "out": str(out)},
         scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
-        datasets={"train": make_dataset(plan)},
+        datasets={source: make_dataset(plan) for source, plan in plans.items()},
         dataset_config=ExactlyOnceDataConfig(),
         run_config=RunConfig(name="exactly-once", storage_path=str(tmp_path / "runs")),
     )
     trainer.fit()
-    orders = []
-    for epoch in range(2):
-        per_rank = [json.loads((out / f"epoch{epoch}_rank{r}.json").read_text()) for r in range(2)]
-        assert all(len(ids) > 0 for ids in per_rank), "a worker got no cells"
-        everything = per_rank[0] + per_rank[1]
-        assert len(everything) == len(set(everything)) == 10_309
-        orders.append(per_rank[0])
-    assert orders[0] != orders[1], "both epochs came in the same order"
+    for source in plans:
+        orders = []
+        for epoch in range(2):
+            per_rank = [json.loads((out / f"{source}_epoch{epoch}_rank{r}.json").read_text()) for r in range(2)]
+            assert all(len(ids) > 0 for ids in per_rank), f"{source}: a worker got no cells"
+            everything = per_rank[0] + per_rank[1]
+            assert len(everything) == len(set(everything)) == 10_309, source
+            orders.append(per_rank[0])
+        assert orders[0] != orders[1], f"{source}: both epochs came in the same order"
 
 
 def test_tfidf_is_fitted_on_the_store_and_matches_the_formula(mop_store, dataset):
