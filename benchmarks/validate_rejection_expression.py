@@ -138,15 +138,16 @@ def head_scores(logits: tuple[np.ndarray, np.ndarray | None], share: np.ndarray,
     return out
 
 
-def confidence(emb_ref, emb_query, ref_l1, p, classes, leave_one_out: bool) -> tuple[np.ndarray, np.ndarray]:
-    """``(balanced vote share × head probability of the voted type, the voted type)``: the mapping
-    rule for this embedding."""
+def confidence(emb_ref, emb_query, ref_l1, p, classes,
+               leave_one_out: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(balanced vote share × head probability of the voted type, the voted type, the share)``:
+    the mapping rule for this embedding."""
     sims = _normalise(emb_query) @ _normalise(emb_ref).T
     if leave_one_out:
         np.fill_diagonal(sims, -np.inf)
     vote, share = balanced_vote(sims, ref_l1, K, BALANCE)
     index = {c: i for i, c in enumerate(classes)}
-    return share * np.array([p[i, index[c]] if c in index else 0.0 for i, c in enumerate(vote)]), vote
+    return share * np.array([p[i, index[c]] if c in index else 0.0 for i, c in enumerate(vote)]), vote, share
 
 
 def teacher_closeness(emb_ref: np.ndarray, emb_query: np.ndarray, ref_l1: np.ndarray, voted: np.ndarray,
@@ -293,13 +294,9 @@ def run(task: str, only_embedding: bool = False) -> dict:
         tr, va, classes = m["tr"], m["va"], m["classes"]
         ref_l1 = l1[tr]
         is_unseen = l1[va] == (held if held != "-" else UNSEEN_WITHOUT_LEFT_OUT)
-        conf_val, vote_val = confidence(m["emb_ref"], m["emb_val"], ref_l1, m["p_val"], classes, False)
-        conf_ref, vote_ref = confidence(m["emb_ref"], m["emb_ref"], ref_l1, m["p_ref"], classes, True)
+        conf_val, vote_val, share_val = confidence(m["emb_ref"], m["emb_val"], ref_l1, m["p_val"], classes, False)
+        conf_ref, vote_ref, share_ref = confidence(m["emb_ref"], m["emb_ref"], ref_l1, m["p_ref"], classes, True)
         row = {"confidence (today)": evaluate(1 - conf_val, 1 - conf_ref, is_unseen)}
-        share_val = balanced_vote(_normalise(m["emb_val"]) @ _normalise(m["emb_ref"]).T, ref_l1, K, BALANCE)[1]
-        sims_ref = _normalise(m["emb_ref"]) @ _normalise(m["emb_ref"]).T
-        np.fill_diagonal(sims_ref, -np.inf)
-        share_ref = balanced_vote(sims_ref, ref_l1, K, BALANCE)[1]
         heads_val = head_scores(m["logits_val"], share_val, vote_val, classes)
         heads_ref = head_scores(m["logits_ref"], share_ref, vote_ref, classes)
         for name in heads_val:
