@@ -2,6 +2,7 @@
 
     python benchmarks/validate_rejection_expression.py [--out benchmarks/out/rejection_expression]
     python benchmarks/validate_rejection_expression.py --pipeline "NK,CD4 T" [--workers 2]
+    python benchmarks/validate_rejection_expression.py --tasks pbmc10k,liao --ensemble-seeds 0,1,2
 
 A candidate for the unknown-type score (issue 11: CD8-removed AUROC ≥ 0.90): how badly the cell's
 gene proportions ``p`` fit the best-fitting reference type's mean profile ``μ_t`` (level 1, mixed
