@@ -114,7 +114,8 @@ def head_scores(logits: tuple[np.ndarray, np.ndarray | None], share: np.ndarray,
                 classes: list[str]) -> dict[str, np.ndarray]:
     """Unknown scores (higher: more likely unseen) from the two heads' logits: the summed logits'
     maximum and energy (out-of-distribution scores of Hendrycks et al. 2022, Liu et al. 2020), and
-    the two heads' agreement on the voted type."""
+    the two heads' agreement on the voted type. On the reference side the heads see their own
+    training cells (not leave-one-out): that moves only the 5%-threshold columns, not AUROC."""
     from scipy.special import logsumexp, softmax
 
     teacher, student = logits
