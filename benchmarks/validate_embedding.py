@@ -1,6 +1,7 @@
 """Which embedding and which vote label a query best, chosen on the *reference* only.
 
     python benchmarks/validate_embedding.py [--tasks pbmc10k,liao,adtnorm,asap] [--seeds 0,1,2] [--models 0,5]
+    python benchmarks/validate_embedding.py --models 5 --seeds 0,1,2 --ensemble
 
 Same validation splits and settings as ``validate_heads.py`` (pbmc10k: the task's 80% reference
 split again 80/20; liao: one reference patient trains, the other validates as an unseen domain;
@@ -21,6 +22,8 @@ Each model's teacher, student and concatenated (each L2-normalised) embeddings a
 coarse-to-fine kNN vote (level 1 k 25; level 2 k 5 / 10 / 25 among the reference cells of the
 predicted level-1 type) with a class-balanced vote (a neighbour's weight × ``(n_c / n_max) **
 -power`` of its class ``c`` in the reference, power 0 / 0.5 / 1). Mean ± sd over ``--seeds``.
+With ``--ensemble``, each model's seeds are also scored together: their concatenated embeddings
+(each seed's unit teacher + student) vote as one (a deep ensemble's neighbours).
 Results: ``OUT/results.{md,json}``.
 """
 
@@ -50,6 +53,8 @@ UNIT_SCALE = 10.0
 SEEDS = [0]
 #: Which normalisation layers an unseen validation domain gets its own statistics in (--query-layers).
 QUERY_LAYERS = ["input"]
+#: --ensemble: also score each model's seeds side by side (their concatenated embeddings).
+ENSEMBLE = False
 
 
 def balanced_vote(sims, labels, k, power, allowed=None):
@@ -203,9 +208,10 @@ def run_task(name, loader) -> dict:
     from atlas.train.step import take_rows
 
     results = {}
-    for (model_name, heads), seed in ((m, sd) for m in MODELS for sd in SEEDS):
+    members: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for (base_name, heads), seed in ((m, sd) for m in MODELS for sd in SEEDS):
         model, batch, seconds = train(counts, codes, classes, tr, domain, heads, seed, **SETTINGS.get(name, {}))
-        model_name = f"{model_name}, seed {seed}"
+        model_name = f"{base_name}, seed {seed}"
         ref = embeddings(model, take_rows(batch, torch.as_tensor(tr)), unseen=False)
         if name == "adtnorm":  # each validation study its own unseen domain
             study = adata.obs["validation_study"].to_numpy()[va]
@@ -224,6 +230,14 @@ def run_task(name, loader) -> dict:
             results[key]["train_s"] = round(seconds, 1)
             best = results[key]["power 0, k2 5"]
             print(f"[{name}] {key}: default vote {best}", flush=True)
+        members.setdefault(base_name, []).append((ref["concat"], val["concat"]))
+        if ENSEMBLE and len(members[base_name]) == len(SEEDS) > 1:
+            # The seeds' models side by side: each one's unit embedding, concatenated.
+            key = f"{base_name}, ensemble of {len(SEEDS)} seeds / concat"
+            joined = [np.hstack([_normalise(m[i]) for m in members[base_name]]) for i in (0, 1)]
+            results[key] = score_votes(joined[0], joined[1], {lv: labels[lv][tr] for lv in levels},
+                                       {lv: labels[lv][va] for lv in levels}, levels)
+            print(f"[{name}] {key}: default vote {results[key]['power 0, k2 5']}", flush=True)
     return results
 
 
@@ -236,9 +250,13 @@ def main() -> None:
     parser.add_argument("--models", default=None, help="comma-separated indices of MODELS")
     parser.add_argument("--query-layers", choices=("input", "all"), default="input",
                         help="unseen validation domains: own statistics in the input normalisation or in every layer")
+    parser.add_argument("--ensemble", action="store_true",
+                        help="also score an ensemble: each model's seeds' embeddings side by side")
     args = parser.parse_args()
     torch.set_num_threads(2)
     SEEDS[:] = [int(x) for x in args.seeds.split(",")]
+    global ENSEMBLE
+    ENSEMBLE = args.ensemble
     QUERY_LAYERS[:] = [args.query_layers]
     if args.head_scale is not None:
         import atlas.models.concerto as concerto
