@@ -23,7 +23,9 @@ coarse-to-fine kNN vote (level 1 k 25; level 2 k 5 / 10 / 25 among the reference
 predicted level-1 type) with a class-balanced vote (a neighbour's weight × ``(n_c / n_max) **
 -power`` of its class ``c`` in the reference, power 0 / 0.5 / 1). Mean ± sd over ``--seeds``.
 With ``--ensemble``, each model's seeds are also scored together: their concatenated embeddings
-(each seed's unit teacher + student) vote as one (a deep ensemble's neighbours).
+(each seed's unit teacher + student) vote as one (a deep ensemble's neighbours); on pbmc10k and
+liao each seed and the ensemble are also scored in the atlas's label space, the embedding beside
+the 50-component PCA of the log-normalised RNA (``ProfileSpace``).
 Results: ``OUT/results.{md,json}``.
 """
 
@@ -209,6 +211,7 @@ def run_task(name, loader) -> dict:
 
     results = {}
     members: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    space = profile_coordinates(counts, tr, va) if ENSEMBLE and name in ("pbmc10k", "liao") else None
     for (base_name, heads), seed in ((m, sd) for m in MODELS for sd in SEEDS):
         model, batch, seconds = train(counts, codes, classes, tr, domain, heads, seed, **SETTINGS.get(name, {}))
         model_name = f"{base_name}, seed {seed}"
@@ -231,6 +234,12 @@ def run_task(name, loader) -> dict:
             best = results[key]["power 0, k2 5"]
             print(f"[{name}] {key}: default vote {best}", flush=True)
         members.setdefault(base_name, []).append((ref["concat"], val["concat"]))
+        if space is not None:  # the atlas's label space: the embedding beside a PCA of the RNA
+            key = f"{model_name} / concat beside PCA"
+            results[key] = score_votes(space[0].vectors(ref["concat"], space[1]),
+                                       space[0].vectors(val["concat"], space[2]),
+                                       {lv: labels[lv][tr] for lv in levels}, {lv: labels[lv][va] for lv in levels},
+                                       levels)
         if ENSEMBLE and len(members[base_name]) == len(SEEDS) > 1:
             # The seeds' models side by side: each one's unit embedding, concatenated.
             key = f"{base_name}, ensemble of {len(SEEDS)} seeds / concat"
@@ -238,7 +247,24 @@ def run_task(name, loader) -> dict:
             results[key] = score_votes(joined[0], joined[1], {lv: labels[lv][tr] for lv in levels},
                                        {lv: labels[lv][va] for lv in levels}, levels)
             print(f"[{name}] {key}: default vote {results[key]['power 0, k2 5']}", flush=True)
+            if space is not None:
+                key = f"{base_name}, ensemble of {len(SEEDS)} seeds / concat beside PCA"
+                results[key] = score_votes(space[0].vectors(joined[0], space[1]), space[0].vectors(joined[1], space[2]),
+                                           {lv: labels[lv][tr] for lv in levels},
+                                           {lv: labels[lv][va] for lv in levels}, levels)
     return results
+
+
+def profile_coordinates(counts, tr, va):
+    """``(ProfileSpace, reference coordinates, validation coordinates)``: the atlas's PCA of the
+    log-normalised RNA, fitted on the training cells (``atlas.index.profile_space``)."""
+    from atlas.data.batches import normalize_log1p
+    from atlas.index.profile_space import ProfileSpace
+
+    x = sp.csr_matrix(counts, dtype=np.float32)
+    x.data = normalize_log1p(x.indptr, x.data)
+    space = ProfileSpace.fit(x[tr])
+    return space, space.project(x[tr]), space.project(x[va])
 
 
 def main() -> None:
