@@ -11,8 +11,9 @@ from tests.build_helpers import PBMC10K, subset
 def pbmc(dataset, tmp_path_factory):
     """A 2,000-cell pbmc10k store (RNA + protein, two label levels) and its source cells.
 
-    Module-scoped: the build tests live in several files so that parallel test workers can
-    take them apart; each file ingests its own copy (a few seconds).
+    Module-scoped: each build test file gets a fresh copy (a few seconds to ingest), because a
+    build writes its embeddings back to the store as a new version, and ``test_build.py`` checks
+    the version numbers its own build made.
     """
     cells = subset(ad.read_h5ad(dataset(PBMC10K)), 2000)
     store = tmp_path_factory.mktemp("build") / "pbmc"

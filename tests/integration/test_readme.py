@@ -21,6 +21,7 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.build_helpers import subset
 from tests.service_process import wait_healthy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -116,9 +117,7 @@ def tour_dir(dataset, tmp_path_factory):
     shared = root / "shared_data"
     shared.mkdir()
     for name in (PBMC10K, PBMC5K):
-        full = ad.read_h5ad(dataset(name))
-        cells = np.sort(np.random.default_rng(0).choice(full.n_obs, 2000, replace=False))
-        full[cells].copy().write_h5ad(shared / name)
+        subset(ad.read_h5ad(dataset(name)), 2000).write_h5ad(shared / name)
     env = {**os.environ, "ATLAS_SHARED_DATA": str(shared), "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     return root, env
