@@ -23,8 +23,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_cvqvae_build_submitted_with_ray_job_submit(dataset, tmp_path):
     """`ray job submit` to a local `ray start --head` (token authentication on)."""
-    rna = subset(ad.read_h5ad(dataset(MOP_RNA)), 2000)
-    atac = ad.read_h5ad(dataset(MOP_ATAC))[rna.obs_names].copy()
+    full_rna, full_atac = ad.read_h5ad(dataset(MOP_RNA)), ad.read_h5ad(dataset(MOP_ATAC))
+    rna = subset(full_rna, 2000)
+    atac = full_atac[rna.obs_names].copy()
     rna_path, atac_path = tmp_path / "rna.h5ad", tmp_path / "atac.h5ad"
     rna.write_h5ad(rna_path)
     atac.write_h5ad(atac_path)
@@ -56,13 +57,12 @@ def test_cvqvae_build_submitted_with_ray_job_submit(dataset, tmp_path):
     assert set(built.manifest["mapping"]["thresholds"]) == {"cell_type_coarse", "cell_type_fine"}
 
     # An RNA-only query of other cells: labels from the index, ATAC from the CVQVAE decoder.
-    full_rna = ad.read_h5ad(dataset(MOP_RNA))
     others = np.setdiff1d(np.arange(full_rna.n_obs), np.flatnonzero(full_rna.obs_names.isin(rna.obs_names)))
     query = full_rna[np.random.default_rng(1).choice(others, 100, replace=False)].copy()
     out = map_query(query, built, predict=["ATAC"], predict_method="decoder")
     atac_pred = out.obsm["ATAC_pred"]
     assert list(atac_pred.columns) == built.vocabulary["ATAC"] and np.isfinite(atac_pred.to_numpy()).all()
-    measured = ad.read_h5ad(dataset(MOP_ATAC))[query.obs_names]
+    measured = full_atac[query.obs_names]
     measured = sp.csr_matrix(measured.X, dtype=np.float32)
     measured.data = normalize_log1p(measured.indptr, measured.data)
     per_cell = [np.corrcoef(atac_pred.to_numpy()[i], measured[i].toarray().ravel())[0, 1] for i in range(100)]
