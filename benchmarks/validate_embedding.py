@@ -210,6 +210,7 @@ def run_task(name, loader) -> dict:
     from atlas.train.step import take_rows
 
     results = {}
+    ref_labels, val_labels = ({lv: labels[lv][rows] for lv in levels} for rows in (tr, va))
     members: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
     space = profile_coordinates(counts, tr, va) if ENSEMBLE and name in ("pbmc10k", "liao") else None
     for (base_name, heads), seed in ((m, sd) for m in MODELS for sd in SEEDS):
@@ -228,8 +229,7 @@ def run_task(name, loader) -> dict:
             val = embeddings(model, take_rows(batch, torch.as_tensor(va)), unseen=name in UNSEEN)
         for emb in ("teacher", "student", "concat"):
             key = f"{model_name} / {emb}"
-            results[key] = score_votes(ref[emb], val[emb], {lv: labels[lv][tr] for lv in levels},
-                                       {lv: labels[lv][va] for lv in levels}, levels)
+            results[key] = score_votes(ref[emb], val[emb], ref_labels, val_labels, levels)
             results[key]["train_s"] = round(seconds, 1)
             best = results[key]["power 0, k2 5"]
             print(f"[{name}] {key}: default vote {best}", flush=True)
@@ -237,21 +237,17 @@ def run_task(name, loader) -> dict:
         if space is not None:  # the atlas's label space: the embedding beside a PCA of the RNA
             key = f"{model_name} / concat beside PCA"
             results[key] = score_votes(space[0].vectors(ref["concat"], space[1]),
-                                       space[0].vectors(val["concat"], space[2]),
-                                       {lv: labels[lv][tr] for lv in levels}, {lv: labels[lv][va] for lv in levels},
-                                       levels)
+                                       space[0].vectors(val["concat"], space[2]), ref_labels, val_labels, levels)
         if ENSEMBLE and len(members[base_name]) == len(SEEDS) > 1:
             # The seeds' models side by side: each one's unit embedding, concatenated.
             key = f"{base_name}, ensemble of {len(SEEDS)} seeds / concat"
             joined = [np.hstack([_normalise(m[i]) for m in members[base_name]]) for i in (0, 1)]
-            results[key] = score_votes(joined[0], joined[1], {lv: labels[lv][tr] for lv in levels},
-                                       {lv: labels[lv][va] for lv in levels}, levels)
+            results[key] = score_votes(joined[0], joined[1], ref_labels, val_labels, levels)
             print(f"[{name}] {key}: default vote {results[key]['power 0, k2 5']}", flush=True)
             if space is not None:
                 key = f"{base_name}, ensemble of {len(SEEDS)} seeds / concat beside PCA"
                 results[key] = score_votes(space[0].vectors(joined[0], space[1]), space[0].vectors(joined[1], space[2]),
-                                           {lv: labels[lv][tr] for lv in levels},
-                                           {lv: labels[lv][va] for lv in levels}, levels)
+                                           ref_labels, val_labels, levels)
     return results
 
 

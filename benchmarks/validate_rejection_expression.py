@@ -67,7 +67,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quality_tasks.common import data_file  # noqa: E402
-from validate_embedding import balanced_vote  # noqa: E402
+from validate_embedding import balanced_vote, profile_coordinates  # noqa: E402
 from validate_heads import _codes, _normalise, _split_liao, _split_pbmc10k, embed_validation, fit_with_heads  # noqa: E402
 
 ALPHA = 0.01
@@ -294,11 +294,6 @@ def run(task: str, only_embedding: bool = False) -> dict:
     library = np.maximum(np.asarray(counts.sum(1)).ravel(), 1)
     proportions = sp.csr_matrix(sp.diags(1 / library) @ counts)
     l1 = adata.obs[levels[0]].astype(str).replace({"nan": "", "undefined": ""}).to_numpy()
-    from atlas.data.batches import normalize_log1p
-    from atlas.index.profile_space import ProfileSpace
-
-    x_norm = sp.csr_matrix(counts, dtype=np.float32)
-    x_norm.data = normalize_log1p(x_norm.indptr, x_norm.data)
     out = {}
     for held in HELD_OUT[task]:
         t0 = time.perf_counter()
@@ -311,12 +306,11 @@ def run(task: str, only_embedding: bool = False) -> dict:
         row = {"confidence (today)": evaluate(1 - conf_val, 1 - conf_ref, is_unseen)}
         # The built atlas (RNA with protein profiles) votes its labels beside a PCA of the RNA, so its
         # confidence's vote share comes from that space.
-        space = ProfileSpace.fit(x_norm[tr])
-        pca_ref, pca_val = space.project(x_norm[tr]), space.project(x_norm[va])
-        prof_val, _, _ = confidence(space.vectors(m["emb_ref"], pca_ref), space.vectors(m["emb_val"], pca_val), ref_l1,
-                                    m["p_val"], classes, False)
-        prof_ref, _, _ = confidence(space.vectors(m["emb_ref"], pca_ref), space.vectors(m["emb_ref"], pca_ref), ref_l1,
-                                    m["p_ref"], classes, True)
+        space, pca_ref, pca_val = profile_coordinates(counts, tr, va)
+        vectors_ref = space.vectors(m["emb_ref"], pca_ref)
+        prof_val, _, _ = confidence(vectors_ref, space.vectors(m["emb_val"], pca_val), ref_l1, m["p_val"], classes,
+                                    False)
+        prof_ref, _, _ = confidence(vectors_ref, vectors_ref, ref_l1, m["p_ref"], classes, True)
         row["confidence, vote share beside the PCA (as built)"] = evaluate(1 - prof_val, 1 - prof_ref, is_unseen)
         heads_val = head_scores(m["logits_val"], share_val, vote_val, classes)
         heads_ref = head_scores(m["logits_ref"], share_ref, vote_ref, classes)
