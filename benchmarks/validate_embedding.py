@@ -2,6 +2,7 @@
 
     python benchmarks/validate_embedding.py [--tasks pbmc10k,liao,adtnorm,asap] [--seeds 0,1,2] [--models 0,5]
     python benchmarks/validate_embedding.py --models 5 --seeds 0,1,2 --ensemble
+    python benchmarks/validate_embedding.py --models 5 --seeds 0,1,2 --pca-weights 0.5,2,4,inf
 
 Same validation splits and settings as ``validate_heads.py`` (pbmc10k: the task's 80% reference
 split again 80/20; liao: one reference patient trains, the other validates as an unseen domain;
@@ -25,7 +26,9 @@ predicted level-1 type) with a class-balanced vote (a neighbour's weight × ``(n
 With ``--ensemble``, each model's seeds are also scored together: their concatenated embeddings
 (each seed's unit teacher + student) vote as one (a deep ensemble's neighbours); on pbmc10k and
 liao each seed and the ensemble are also scored in the atlas's label space, the embedding beside
-the 50-component PCA of the log-normalised RNA (``ProfileSpace``).
+the 50-component PCA of the log-normalised RNA (``ProfileSpace``). ``--pca-weights`` scores that
+label space again with the PCA block weighed differently against the embedding (the build uses 1;
+``inf`` votes in the PCA alone, the PCA + kNN peer's space).
 Results: ``OUT/results.{md,json}``.
 """
 
@@ -57,6 +60,9 @@ SEEDS = [0]
 QUERY_LAYERS = ["input"]
 #: --ensemble: also score each model's seeds side by side (their concatenated embeddings).
 ENSEMBLE = False
+#: --pca-weights: also score the label space at these weights of the PCA block beside the
+#: embedding (``ProfileSpace.weight``; ``inf``: the PCA alone, as the PCA + kNN peer votes).
+PCA_WEIGHTS: list[float] = []
 
 
 def balanced_vote(sims, labels, k, power, allowed=None):
@@ -193,11 +199,40 @@ def _split_asap():
     return adata, train, ["coarse_cluster", "cluster"], domain
 
 
+def _split_liao_reversed():
+    """liao's two reference patients the other way round: the larger (C146, 1,292 cells) trains,
+    the smaller (C144, 363) validates as an unseen domain (the third patient is never read)."""
+    adata, train, levels, domain = _split_liao()
+    return adata, ~train, levels, np.where(train, 1, 0).astype(np.int64)
+
+
+def _split_mop():
+    """Task 4's reference (``default_rng(0)`` 80%), RNA only: its 8 training libraries train
+    (5,552 cells), the 4 held-out libraries of ``validate_cvqvae`` validate, each its own unseen
+    domain (the query's cells are never read). Mouse motor cortex, SNARE-seq, 1,677 genes."""
+    import anndata as ad
+    from quality_tasks.common import data_file
+    from quality_tasks.mop import BATCH_KEY, RNA_FILE, SPLIT_SEED
+    from validate_cvqvae import validation_libraries
+
+    adata = ad.read_h5ad(data_file(RNA_FILE))
+    adata = adata[np.random.default_rng(SPLIT_SEED).random(adata.n_obs) < 0.8].copy()
+    libraries = adata.obs[BATCH_KEY].astype(str).to_numpy()
+    held = np.isin(libraries, validation_libraries(libraries))
+    codes = pd.Categorical(libraries[~held]).codes.astype(np.int64)
+    domain = np.full(adata.n_obs, -1, dtype=np.int64)
+    domain[~held] = codes
+    adata.obs["validation_study"] = np.where(held, libraries, "")
+    return adata, ~held, ["cell_type_coarse", "cell_type_fine"], domain
+
+
 #: The scored tasks' training settings (quality_tasks.adtnorm, quality_tasks.asap_cite).
 SETTINGS = {"adtnorm": {"modality": "protein", "epochs": 2, "batch_size": 256},
             "asap": {"modality": "protein", "epochs": 5, "batch_size": 64}}
 #: Tasks whose validation cells are an unseen domain mapped with their own input statistics.
-UNSEEN = {"liao", "asap"}
+UNSEEN = {"liao", "liao_reversed", "asap"}
+#: Tasks whose label space (the embedding beside the PCA of RNA) is scored (--ensemble, --pca-weights).
+RNA_TASKS = ("pbmc10k", "liao", "liao_reversed", "mop")
 
 
 def run_task(name, loader) -> dict:
@@ -212,12 +247,17 @@ def run_task(name, loader) -> dict:
     results = {}
     ref_labels, val_labels = ({lv: labels[lv][rows] for lv in levels} for rows in (tr, va))
     members: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
-    space = profile_coordinates(counts, tr, va) if ENSEMBLE and name in ("pbmc10k", "liao") else None
+    space = profile_coordinates(counts, tr, va) if (ENSEMBLE or PCA_WEIGHTS) and name in RNA_TASKS else None
+    proteins = None
+    if space is not None and "protein_counts" in adata.obsm:  # measured proteins, 1e4 + log1p
+        from atlas.evaluate.baselines import log_normalise_frame
+
+        proteins = log_normalise_frame(adata.obsm["protein_counts"]).to_numpy(np.float32)
     for (base_name, heads), seed in ((m, sd) for m in MODELS for sd in SEEDS):
         model, batch, seconds = train(counts, codes, classes, tr, domain, heads, seed, **SETTINGS.get(name, {}))
         model_name = f"{base_name}, seed {seed}"
         ref = embeddings(model, take_rows(batch, torch.as_tensor(tr)), unseen=False)
-        if name == "adtnorm":  # each validation study its own unseen domain
+        if "validation_study" in adata.obs:  # each validation study (library) its own unseen domain
             study = adata.obs["validation_study"].to_numpy()[va]
             parts = [embeddings(model, take_rows(batch, torch.as_tensor(va[study == st])), unseen=True)
                      for st in sorted(set(study))]
@@ -235,9 +275,15 @@ def run_task(name, loader) -> dict:
             print(f"[{name}] {key}: default vote {best}", flush=True)
         members.setdefault(base_name, []).append((ref["concat"], val["concat"]))
         if space is not None:  # the atlas's label space: the embedding beside a PCA of the RNA
-            key = f"{model_name} / concat beside PCA"
-            results[key] = score_votes(space[0].vectors(ref["concat"], space[1]),
-                                       space[0].vectors(val["concat"], space[2]), ref_labels, val_labels, levels)
+            for w in [space[0].weight, *PCA_WEIGHTS]:  # the build's weight (key without it), then the others
+                key = f"{model_name} / concat beside PCA" + ("" if w == space[0].weight else f", weight {w:g}")
+                vectors = [weighted_space(space[0], w, e, c) for e, c in
+                           ((ref["concat"], space[1]), (val["concat"], space[2]))]
+                results[key] = score_votes(*vectors, ref_labels, val_labels, levels)
+                if proteins is not None:
+                    results[key]["protein"] = protein_scores(space[0], *vectors, proteins[tr], proteins[va])
+                print(f"[{name}] {key}: as built {results[key]['power 0.5, k2 25']} "
+                      f"{results[key].get('protein', '')}", flush=True)
         if ENSEMBLE and len(members[base_name]) == len(SEEDS) > 1:
             # The seeds' models side by side: each one's unit embedding, concatenated.
             key = f"{base_name}, ensemble of {len(SEEDS)} seeds / concat"
@@ -263,6 +309,29 @@ def profile_coordinates(counts, tr, va):
     return space, space.project(x[tr]), space.project(x[va])
 
 
+def protein_scores(space, ref: np.ndarray, val: np.ndarray, ref_proteins: np.ndarray,
+                   val_proteins: np.ndarray, k: int = 25) -> dict:
+    """Proteins of the validation cells from their ``k`` nearest training cells in ``ref``/``val``
+    (unit vectors), softmax-weighted as the atlas predicts profiles: r per protein, mean / median."""
+    from atlas.evaluate.metrics import feature_pearson
+
+    sims = val @ ref.T
+    top = np.argsort(-sims, axis=1)[:, :k]
+    w = space.neighbour_weights(np.take_along_axis(sims, top, 1))
+    pred = (w[:, :, None] * ref_proteins[top]).sum(1) / w.sum(1, keepdims=True)
+    r = feature_pearson(pd.DataFrame(pred), pd.DataFrame(val_proteins))
+    return {"r_mean": round(float(r.mean), 4), "r_median": round(float(r.median), 4)}
+
+
+def weighted_space(space, weight: float, embedding: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    """The label space's vectors with the PCA block at ``weight`` (``inf``: the PCA alone)."""
+    from dataclasses import replace
+
+    if np.isinf(weight):
+        return _normalise(coords)
+    return replace(space, weight=float(weight)).vectors(embedding, coords)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default="pbmc10k,liao")
@@ -274,11 +343,14 @@ def main() -> None:
                         help="unseen validation domains: own statistics in the input normalisation or in every layer")
     parser.add_argument("--ensemble", action="store_true",
                         help="also score an ensemble: each model's seeds' embeddings side by side")
+    parser.add_argument("--pca-weights", default="",
+                        help="also score the label space with the PCA block at these weights (e.g. 0.5,2,inf)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     SEEDS[:] = [int(x) for x in args.seeds.split(",")]
     global ENSEMBLE
     ENSEMBLE = args.ensemble
+    PCA_WEIGHTS[:] = [float(w) for w in args.pca_weights.split(",") if w]
     QUERY_LAYERS[:] = [args.query_layers]
     if args.head_scale is not None:
         import atlas.models.concerto as concerto
@@ -286,7 +358,8 @@ def main() -> None:
         concerto.HEAD_SCALE = args.head_scale
     if args.models:
         MODELS[:] = [MODELS[int(i)] for i in args.models.split(",")]
-    loaders = {"pbmc10k": _split_pbmc10k, "liao": _split_liao, "adtnorm": _split_adtnorm, "asap": _split_asap}
+    loaders = {"pbmc10k": _split_pbmc10k, "liao": _split_liao, "liao_reversed": _split_liao_reversed,
+               "mop": _split_mop, "adtnorm": _split_adtnorm, "asap": _split_asap}
     out = {t: run_task(t, loaders[t]) for t in args.tasks.split(",") if t}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(out, indent=2))
@@ -298,7 +371,7 @@ def main() -> None:
         for key, votes in res.items():
             base = re.sub(r", seed \d+", "", key)
             for vote, sc in votes.items():
-                if vote != "train_s":
+                if vote not in ("train_s", "protein"):
                     groups.setdefault((base, vote), []).append(sc)
         lines += [f"## {task}, mean ± sd over seeds {SEEDS}", "",
                   "| model / embedding | vote | l1 acc | l1 F1 | l2 acc | l2 F1 |", "|---|---|---:|---:|---:|---:|"]
@@ -310,7 +383,7 @@ def main() -> None:
         lines += [f"## {task}", "", "| model / embedding | vote | l1 acc / F1 | l2 acc / F1 |", "|---|---|---:|---:|"]
         for key, votes in res.items():
             for vote, s in votes.items():
-                if vote == "train_s":
+                if vote in ("train_s", "protein"):
                     continue
                 lines.append(f"| {key} | {vote} | {s['l1_acc']:.3f} / {s['l1_f1']:.3f} | "
                              f"{s['l2_acc']:.3f} / {s['l2_f1']:.3f} |")
