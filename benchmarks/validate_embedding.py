@@ -48,7 +48,17 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from validate_heads import BATCH, EPOCHS, LR, _codes, _normalise, _split_liao, _split_pbmc10k, as_unseen_query  # noqa: E402
+from validate_heads import (  # noqa: E402
+    BATCH,
+    EPOCHS,
+    LR,
+    _codes,
+    _normalise,
+    _split_liao,
+    _split_pbmc10k,
+    as_mapped,
+    as_unseen_query,
+)
 
 HEAD_WEIGHT = 3.0
 MODELS = [("teacher heads", "teacher"), ("teacher + student heads", "dual"),
@@ -63,6 +73,8 @@ ENSEMBLE = False
 #: --pca-weights: also score the label space at these weights of the PCA block beside the
 #: embedding (``ProfileSpace.weight``; ``inf``: the PCA alone, as the PCA + kNN peer votes).
 PCA_WEIGHTS: list[float] = []
+#: --rules: also label by the heads alone and by vote share + head probability (model 5 only).
+RULES = False
 
 
 def balanced_vote(sims, labels, k, power, allowed=None):
@@ -85,11 +97,11 @@ def score_votes(emb_ref, emb_val, ref_labels, val_labels, levels) -> dict:
     out = {}
     for power in (0.0, 0.5, 1.0):
         p1, _ = balanced_vote(sims, ref_labels[l1], 25, power)
-        s1 = label_transfer(val_labels[l1], p1)
+        s1 = label_transfer(val_labels[l1], as_mapped(p1))
         for k2 in (5, 10, 25):
             allowed = ref_labels[l1][None, :] == p1[:, None]
             p2, _ = balanced_vote(sims, ref_labels[l2], k2, power, allowed=allowed)
-            s2 = label_transfer(val_labels[l2], p2)
+            s2 = label_transfer(val_labels[l2], as_mapped(p2))
             out[f"power {power:g}, k2 {k2}"] = {
                 "l1_acc": round(float(s1.accuracy), 4), "l1_f1": round(float(s1.macro_f1), 4),
                 "l2_acc": round(float(s2.accuracy), 4), "l2_f1": round(float(s2.macro_f1), 4)}
@@ -247,7 +259,7 @@ def run_task(name, loader) -> dict:
     results = {}
     ref_labels, val_labels = ({lv: labels[lv][rows] for lv in levels} for rows in (tr, va))
     members: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
-    space = profile_coordinates(counts, tr, va) if (ENSEMBLE or PCA_WEIGHTS) and name in RNA_TASKS else None
+    space = profile_coordinates(counts, tr, va) if (ENSEMBLE or PCA_WEIGHTS or RULES) and name in RNA_TASKS else None
     proteins = None
     if space is not None and "protein_counts" in adata.obsm:  # measured proteins, 1e4 + log1p
         from atlas.evaluate.baselines import log_normalise_frame
@@ -284,6 +296,17 @@ def run_task(name, loader) -> dict:
                     results[key]["protein"] = protein_scores(space[0], *vectors, proteins[tr], proteins[va])
                 print(f"[{name}] {key}: as built {results[key]['power 0.5, k2 25']} "
                       f"{results[key].get('protein', '')}", flush=True)
+            if RULES and heads == "unit dual":  # the label from the vote, the heads or both
+                from atlas.mapping.heads import head_probabilities
+                from atlas.models.concerto import embedding_head_weights
+
+                probabilities = head_probabilities(val["concat"], embedding_head_weights(
+                    model.config, model.state_dict(), len(levels)))
+                key = f"{model_name} / label rules beside PCA"
+                results[key] = rule_scores(space[0].vectors(ref["concat"], space[1]),
+                                           space[0].vectors(val["concat"], space[2]), ref_labels, val_labels,
+                                           levels, classes, probabilities)
+                print(f"[{name}] {key}: {results[key]}", flush=True)
         if ENSEMBLE and len(members[base_name]) == len(SEEDS) > 1:
             # The seeds' models side by side: each one's unit embedding, concatenated.
             key = f"{base_name}, ensemble of {len(SEEDS)} seeds / concat"
@@ -307,6 +330,52 @@ def profile_coordinates(counts, tr, va):
     x.data = normalize_log1p(x.indptr, x.data)
     space = ProfileSpace.fit(x[tr])
     return space, space.project(x[tr]), space.project(x[va])
+
+
+def class_shares(sims, labels, classes, k, power, allowed=None) -> np.ndarray:
+    """[n, C] share of each class in the balanced vote of the ``k`` nearest (as ``balanced_vote``)."""
+    from atlas.mapping.vote import balance_weights
+
+    s = sims if allowed is None else np.where(allowed, sims, -np.inf)
+    top = np.argpartition(-s, kth=min(k, s.shape[1] - 1), axis=1)[:, :k]
+    names, counts = np.unique(labels[labels != ""], return_counts=True)
+    factor = balance_weights(dict(zip(names, counts)), power)
+    index = {c: i for i, c in enumerate(classes)}
+    code = np.array([index.get(str(v), -1) for v in labels])[top]
+    w = np.clip(np.nan_to_num(np.take_along_axis(s, top, 1), neginf=0.0), 0.0, None)
+    w = w * np.array([factor.get(str(v), 0.0) for v in labels])[top] * (code >= 0)
+    out = np.zeros((s.shape[0], len(classes)))
+    np.add.at(out, (np.repeat(np.arange(s.shape[0]), top.shape[1]), np.maximum(code, 0).ravel()), w.ravel())
+    return out / np.maximum(out.sum(1, keepdims=True), 1e-12)
+
+
+def rule_scores(ref, val, ref_labels, val_labels, levels, classes, probabilities) -> dict:
+    """Level-1 and level-2 labels by four rules, coarse to fine as mapping does (k 25 / 25,
+    balance 0.5): the kNN vote (as built), the heads alone (level 2 among the predicted level-1
+    type's children), their mean (vote share + head probability) at both levels, and the mean at
+    level 1 with the vote at level 2."""
+    from atlas.evaluate.metrics import label_transfer
+
+    sims = _normalise(val) @ _normalise(ref).T
+    l1, l2 = levels
+    children = {a: {b for x, b in zip(ref_labels[l1], ref_labels[l2]) if x == a and b} for a in classes[0]}
+    out = {}
+    v1 = class_shares(sims, ref_labels[l1], classes[0], 25, 0.5)
+    for rule in ("vote", "heads", "vote + heads", "vote + heads at level 1, vote at level 2"):
+        score1 = v1 if rule == "vote" else probabilities[0] if rule == "heads" else (v1 + probabilities[0]) / 2
+        p1 = np.asarray(classes[0])[score1.argmax(1)]
+        allowed = ref_labels[l1][None, :] == p1[:, None]
+        v2 = class_shares(sims, ref_labels[l2], classes[1], 25, 0.5, allowed=allowed)
+        mask = np.array([[c in children.get(a, ()) for c in classes[1]] for a in p1])
+        h2 = probabilities[1] * mask
+        h2 = h2 / np.maximum(h2.sum(1, keepdims=True), 1e-12)
+        score2 = h2 if rule == "heads" else (v2 + h2) / 2 if rule == "vote + heads" else v2
+        # A level-1 type without level-2 children has no fine shard: mapping calls level 2 unknown.
+        p2 = np.where(mask.any(1), np.asarray(classes[1])[np.where(mask, score2, -1).argmax(1)], "")
+        s1, s2 = label_transfer(val_labels[l1], as_mapped(p1)), label_transfer(val_labels[l2], as_mapped(p2))
+        out[rule] = {"l1_acc": round(float(s1.accuracy), 4), "l1_f1": round(float(s1.macro_f1), 4),
+                     "l2_acc": round(float(s2.accuracy), 4), "l2_f1": round(float(s2.macro_f1), 4)}
+    return out
 
 
 def protein_scores(space, ref: np.ndarray, val: np.ndarray, ref_proteins: np.ndarray,
@@ -343,13 +412,15 @@ def main() -> None:
                         help="unseen validation domains: own statistics in the input normalisation or in every layer")
     parser.add_argument("--ensemble", action="store_true",
                         help="also score an ensemble: each model's seeds' embeddings side by side")
+    parser.add_argument("--rules", action="store_true",
+                        help="also label by the heads alone and by vote share + head probability (model 5)")
     parser.add_argument("--pca-weights", default="",
                         help="also score the label space with the PCA block at these weights (e.g. 0.5,2,inf)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     SEEDS[:] = [int(x) for x in args.seeds.split(",")]
-    global ENSEMBLE
-    ENSEMBLE = args.ensemble
+    global ENSEMBLE, RULES
+    ENSEMBLE, RULES = args.ensemble, args.rules
     PCA_WEIGHTS[:] = [float(w) for w in args.pca_weights.split(",") if w]
     QUERY_LAYERS[:] = [args.query_layers]
     if args.head_scale is not None:

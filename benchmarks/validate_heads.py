@@ -59,6 +59,15 @@ def _split_liao():
     return adata, train, ["cell_type_coarse", "cell_type_fine"], domain
 
 
+def as_mapped(pred: np.ndarray) -> np.ndarray:
+    """Predictions as mapping reports them: a cell no labelled neighbour voted for (``""``, e.g.
+    a level-2 vote among cells whose level 2 is undefined) is ``unknown`` — a refusal, not a
+    class of its own (``label_transfer`` would average a ``""`` class's F1 of 0 into macro-F1)."""
+    from atlas.names import UNKNOWN
+
+    return np.where(np.asarray(pred, dtype=str) == "", UNKNOWN, np.asarray(pred, dtype=object))
+
+
 def _codes(values: np.ndarray, classes: list[str]) -> np.ndarray:
     lookup = {c: i for i, c in enumerate(classes)}
     return np.array([lookup.get(v, -1) for v in values], dtype=np.int64)
@@ -113,8 +122,8 @@ def score(emb_ref, emb_val, ref_labels, val_labels, levels, probs=None):
         comb2 = np.asarray(classes2)[np.where(allowed2, c2, -1).argmax(1)]
         preds["combined"] = (comb1, comb2)
     for name, (a, b) in preds.items():
-        s1 = label_transfer(val_labels[l1], a)
-        s2 = label_transfer(val_labels[l2], b)
+        s1 = label_transfer(val_labels[l1], as_mapped(a))
+        s2 = label_transfer(val_labels[l2], as_mapped(b))
         out[name] = {"l1_acc": round(float(s1.accuracy), 4), "l1_f1": round(float(s1.macro_f1), 4),
                      "l2_acc": round(float(s2.accuracy), 4), "l2_f1": round(float(s2.macro_f1), 4)}
     return out
