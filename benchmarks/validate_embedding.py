@@ -56,6 +56,7 @@ from validate_heads import (  # noqa: E402
     _normalise,
     _split_liao,
     _split_pbmc10k,
+    _vote_shares,
     as_mapped,
     as_unseen_query,
 )
@@ -287,10 +288,11 @@ def run_task(name, loader) -> dict:
             print(f"[{name}] {key}: default vote {best}", flush=True)
         members.setdefault(base_name, []).append((ref["concat"], val["concat"]))
         if space is not None:  # the atlas's label space: the embedding beside a PCA of the RNA
+            built = [space[0].vectors(e, c) for e, c in ((ref["concat"], space[1]), (val["concat"], space[2]))]
             for w in [space[0].weight, *PCA_WEIGHTS]:  # the build's weight (key without it), then the others
                 key = f"{model_name} / concat beside PCA" + ("" if w == space[0].weight else f", weight {w:g}")
-                vectors = [weighted_space(space[0], w, e, c) for e, c in
-                           ((ref["concat"], space[1]), (val["concat"], space[2]))]
+                vectors = built if w == space[0].weight else [
+                    weighted_space(space[0], w, e, c) for e, c in ((ref["concat"], space[1]), (val["concat"], space[2]))]
                 results[key] = score_votes(*vectors, ref_labels, val_labels, levels)
                 if proteins is not None:
                     results[key]["protein"] = protein_scores(space[0], *vectors, proteins[tr], proteins[va])
@@ -303,9 +305,7 @@ def run_task(name, loader) -> dict:
                 probabilities = head_probabilities(val["concat"], embedding_head_weights(
                     model.config, model.state_dict(), len(levels)))
                 key = f"{model_name} / label rules beside PCA"
-                results[key] = rule_scores(space[0].vectors(ref["concat"], space[1]),
-                                           space[0].vectors(val["concat"], space[2]), ref_labels, val_labels,
-                                           levels, classes, probabilities)
+                results[key] = rule_scores(*built, ref_labels, val_labels, levels, classes, probabilities)
                 print(f"[{name}] {key}: {results[key]}", flush=True)
         if ENSEMBLE and len(members[base_name]) == len(SEEDS) > 1:
             # The seeds' models side by side: each one's unit embedding, concatenated.
@@ -332,23 +332,6 @@ def profile_coordinates(counts, tr, va):
     return space, space.project(x[tr]), space.project(x[va])
 
 
-def class_shares(sims, labels, classes, k, power, allowed=None) -> np.ndarray:
-    """[n, C] share of each class in the balanced vote of the ``k`` nearest (as ``balanced_vote``)."""
-    from atlas.mapping.vote import balance_weights
-
-    s = sims if allowed is None else np.where(allowed, sims, -np.inf)
-    top = np.argpartition(-s, kth=min(k, s.shape[1] - 1), axis=1)[:, :k]
-    names, counts = np.unique(labels[labels != ""], return_counts=True)
-    factor = balance_weights(dict(zip(names, counts)), power)
-    index = {c: i for i, c in enumerate(classes)}
-    code = np.array([index.get(str(v), -1) for v in labels])[top]
-    w = np.clip(np.nan_to_num(np.take_along_axis(s, top, 1), neginf=0.0), 0.0, None)
-    w = w * np.array([factor.get(str(v), 0.0) for v in labels])[top] * (code >= 0)
-    out = np.zeros((s.shape[0], len(classes)))
-    np.add.at(out, (np.repeat(np.arange(s.shape[0]), top.shape[1]), np.maximum(code, 0).ravel()), w.ravel())
-    return out / np.maximum(out.sum(1, keepdims=True), 1e-12)
-
-
 def rule_scores(ref, val, ref_labels, val_labels, levels, classes, probabilities) -> dict:
     """Level-1 and level-2 labels by four rules, coarse to fine as mapping does (k 25 / 25,
     balance 0.5): the kNN vote (as built), the heads alone (level 2 among the predicted level-1
@@ -360,12 +343,12 @@ def rule_scores(ref, val, ref_labels, val_labels, levels, classes, probabilities
     l1, l2 = levels
     children = {a: {b for x, b in zip(ref_labels[l1], ref_labels[l2]) if x == a and b} for a in classes[0]}
     out = {}
-    v1 = class_shares(sims, ref_labels[l1], classes[0], 25, 0.5)
+    v1 = _vote_shares(sims, ref_labels[l1], 25, classes[0], power=0.5)
     for rule in ("vote", "heads", "vote + heads", "vote + heads at level 1, vote at level 2"):
         score1 = v1 if rule == "vote" else probabilities[0] if rule == "heads" else (v1 + probabilities[0]) / 2
         p1 = np.asarray(classes[0])[score1.argmax(1)]
         allowed = ref_labels[l1][None, :] == p1[:, None]
-        v2 = class_shares(sims, ref_labels[l2], classes[1], 25, 0.5, allowed=allowed)
+        v2 = _vote_shares(sims, ref_labels[l2], 25, classes[1], allowed=allowed, power=0.5)
         mask = np.array([[c in children.get(a, ()) for c in classes[1]] for a in p1])
         h2 = probabilities[1] * mask
         h2 = h2 / np.maximum(h2.sum(1, keepdims=True), 1e-12)

@@ -82,10 +82,19 @@ def _vote(sims: np.ndarray, labels: np.ndarray, k: int, allowed: np.ndarray | No
     return weighted_vote(labels[top], np.take_along_axis(s, top, axis=1))
 
 
-def _vote_shares(sims, labels, k, classes, allowed=None):
+def _vote_shares(sims, labels, k, classes, allowed=None, power: float = 0.0):
+    """[n, C] each class's share of the similarity-weighted vote of the ``k`` nearest (optionally
+    among ``allowed``), each neighbour also weighted by its class's ``(n_c / n_max) ** -power``
+    (``atlas.mapping.vote.balance_weights``, as mapping votes; 0: plain)."""
+    from atlas.mapping.vote import balance_weights
+
     s = sims if allowed is None else np.where(allowed, sims, -np.inf)
     top = np.argpartition(-s, kth=min(k, s.shape[1] - 1), axis=1)[:, :k]
     w = np.clip(np.nan_to_num(np.take_along_axis(s, top, axis=1), neginf=0.0), 0, None)
+    if power:
+        names, counts = np.unique(labels[labels != ""], return_counts=True)
+        factor = balance_weights(dict(zip(names, counts)), power)
+        w = w * np.array([factor.get(str(v), 0.0) for v in labels])[top]
     codes = _codes(labels[top].ravel(), classes).reshape(top.shape)
     out = np.zeros((sims.shape[0], len(classes)))
     rows = np.repeat(np.arange(sims.shape[0]), k)
